@@ -1,0 +1,41 @@
+"""The one interface every decoding backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from decoding.types import FinishReason, GenerationRequest, TokenEvent
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    name: str
+    tier: str  # "slm" | "llm" | free-form for user tiers
+    model: str  # what the weights are, for logs and /v1/models
+    context_length: int
+    supports_logprobs: bool
+    supports_grammar: bool
+    device: str = "cpu"
+    dtype: str = "float32"
+    price_in_per_mtok: float = 0.0
+    price_out_per_mtok: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class FinishEvent:
+    """End of one choice. ``text`` is any held-back text released at the end."""
+
+    index: int
+    reason: FinishReason
+    text: str = ""
+    prompt_tokens: int = 0
+
+
+class Backend(Protocol):
+    info: BackendInfo
+
+    def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Stream token events; each choice ends with a ``FinishEvent``."""
+        ...

@@ -1,0 +1,71 @@
+"""What a request constrains its output to. Built by the router from the wire request; compiled
+into a grammar by ``decoding.grammar``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True, slots=True)
+class NoConstraint:
+    kind: Literal["none"] = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class JsonObject:
+    """Any JSON object (``response_format: json_object``)."""
+
+    kind: Literal["json_object"] = "json_object"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class JsonSchema:
+    """A JSON value valid against ``schema``. ``strict`` forbids properties the schema does not
+    declare (OpenAI ``strict: true``); non-strict follows plain JSON-Schema semantics."""
+
+    schema: dict[str, Any] | bool
+    strict: bool = False
+    name: str = "response"
+    kind: Literal["json_schema"] = "json_schema"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ToolSpec:
+    """One offered function: its name and the JSON schema of its arguments."""
+
+    name: str
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object"})
+    strict: bool = False
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ToolCalls:
+    """Tool calls shaped by ``tool_choice``.
+
+    ``mode``: ``auto`` = text or calls, ``required`` = at least one call to any offered tool,
+    ``named`` = a call to ``tools[0]`` only (the router passes just that tool). ``final`` is the
+    request's ``response_format`` when it has one: in ``auto`` mode the model then answers with
+    either tool calls or that JSON (the OpenAI Agents SDK's shape of request).
+    """
+
+    tools: tuple[ToolSpec, ...]
+    mode: Literal["auto", "required", "named"] = "auto"
+    parallel: bool = True
+    final: JsonObject | JsonSchema | None = None
+    kind: Literal["tool_calls"] = "tool_calls"
+
+    def __post_init__(self) -> None:
+        if not self.tools:
+            raise ValueError("ToolCalls needs at least one tool")
+        if self.mode == "named" and len(self.tools) != 1:
+            raise ValueError("named tool_choice takes exactly one tool")
+
+
+@dataclass(frozen=True, slots=True)
+class Regex:
+    pattern: str
+    kind: Literal["regex"] = "regex"
+
+
+Constraint = NoConstraint | JsonObject | JsonSchema | ToolCalls | Regex

@@ -1,0 +1,112 @@
+"""Structural tags (xgrammar's JSON format) for tool calls and their ``tool_choice`` modes.
+
+Pure functions: constraint in, structural-tag dict out. A call is written either inside the
+Hermes/Qwen tags or as bare JSON, because small models often drop the tags::
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+
+The tool name is fixed by each tag's ``begin`` string (so it can only be an offered tool) and the
+arguments follow that tool's ``parameters`` schema.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from decoding.constraint import JsonObject, JsonSchema, ToolCalls, ToolSpec
+
+TAG_OPEN = "<tool_call>"
+TAG_CLOSE = "</tool_call>"
+# Longest run of whitespace allowed inside generated JSON: enough for "a": 1 but not for the
+# endless newlines a small model can fall into.
+MAX_JSON_WHITESPACE = 2
+
+
+def _arguments(tool: ToolSpec) -> dict[str, Any]:
+    return {
+        "type": "json_schema",
+        "json_schema": tool.parameters,
+        "max_whitespace_cnt": MAX_JSON_WHITESPACE,
+    }
+
+
+def _call_tag(tool: ToolSpec, tagged: bool) -> dict[str, Any]:
+    head = '{"name": ' + json.dumps(tool.name) + ', "arguments": '
+    return {
+        "type": "tag",
+        "begin": (TAG_OPEN + "\n" + head) if tagged else head,
+        "content": _arguments(tool),
+        "end": ("}\n" + TAG_CLOSE) if tagged else "}",
+    }
+
+
+def _calls(tools: tuple[ToolSpec, ...], tagged: bool, parallel: bool) -> dict[str, Any]:
+    """One or more calls (one when ``parallel`` is off), separated by a newline."""
+    return {
+        "type": "tags_with_separator",
+        "tags": [_call_tag(t, tagged) for t in tools],
+        "separator": "\n",
+        "at_least_one": True,
+        "stop_after_first": not parallel,
+    }
+
+
+def _final_json(final: JsonObject | JsonSchema) -> dict[str, Any]:
+    schema: dict[str, Any] | bool = (
+        final.schema if isinstance(final, JsonSchema) else {"type": "object"}
+    )
+    return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
+
+
+def _text_with_tagged_calls(tools: tuple[ToolSpec, ...], parallel: bool) -> dict[str, Any]:
+    """Free text in which every ``<tool_call>`` opens a constrained call.
+
+    The text may not start with ``{`` (that is the bare-call branch, fully constrained), ``<``
+    (so a leading ``<tool_call>`` is always a constrained call) nor whitespace.
+    """
+    triggered = {
+        "type": "triggered_tags",
+        "triggers": [TAG_OPEN],
+        "tags": [_call_tag(t, tagged=True) for t in tools],
+        "at_least_one": False,
+        "stop_after_first": not parallel,
+    }
+    return {
+        "type": "or",
+        "elements": [
+            {"type": "sequence", "elements": [{"type": "regex", "pattern": r"[^{<\s]"}, triggered]},
+            {
+                "type": "triggered_tags",
+                "triggers": [TAG_OPEN],
+                "tags": [_call_tag(t, tagged=True) for t in tools],
+                "at_least_one": True,
+                "stop_after_first": not parallel,
+            },
+        ],
+    }
+
+
+def tool_call_structural_tag(constraint: ToolCalls) -> dict[str, Any]:
+    """The structural tag enforcing ``constraint``.
+
+    ``required``/``named``: tagged calls or bare calls, nothing else. ``auto``: additionally free
+    text (with any embedded ``<tool_call>`` constrained); with a ``final`` response format the
+    alternative to calls is that JSON instead of free text.
+    """
+    tools, parallel = constraint.tools, constraint.parallel
+    calls: list[dict[str, Any]] = [
+        _calls(tools, tagged=True, parallel=parallel),
+        _calls(tools, tagged=False, parallel=parallel),
+    ]
+    if constraint.mode == "auto":
+        if constraint.final is not None:
+            # Bare calls are dropped: a bare JSON call and the final JSON would be ambiguous.
+            calls = [calls[0], _final_json(constraint.final)]
+        else:
+            calls.append(_text_with_tagged_calls(tools, parallel))
+    return {"type": "structural_tag", "format": {"type": "or", "elements": calls}}

@@ -1,0 +1,93 @@
+"""Turn generated text into content and tool calls.
+
+Accepts the three shapes the tool grammar allows (and black-box models produce): Hermes/Qwen
+``<tool_call>`` blocks anywhere in the text, a bare JSON call, or several bare calls one per line
+(or as a JSON array). A call is ``{"name": ..., "arguments": {...}}``; ``parameters`` is accepted
+for ``arguments`` since some models write that.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+_TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedToolCall:
+    name: str
+    arguments: str  # JSON text, as OpenAI returns it
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedOutput:
+    content: str | None
+    tool_calls: tuple[ParsedToolCall, ...]
+
+
+def _as_call(obj: Any, names: set[str]) -> ParsedToolCall | None:
+    if not isinstance(obj, dict) or set(obj) - {"name", "arguments", "parameters"}:
+        return None
+    name = obj.get("name")
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if not isinstance(name, str) or name not in names:
+        return None
+    if isinstance(args, str):  # some models double-encode the arguments
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ParsedToolCall(name, json.dumps(args, ensure_ascii=False))
+
+
+def _bare_calls(text: str, names: set[str]) -> list[ParsedToolCall] | None:
+    """Calls when the whole text is bare JSON calls, else None."""
+    stripped = text.strip()
+    if not stripped or stripped[0] not in "{[":
+        return None
+    decoder = json.JSONDecoder()
+    objects: list[Any] = []
+    pos = 0
+    while pos < len(stripped):
+        try:
+            obj, end = decoder.raw_decode(stripped, pos)
+        except json.JSONDecodeError:
+            return None
+        objects.extend(obj if isinstance(obj, list) else [obj])
+        pos = end
+        while pos < len(stripped) and stripped[pos] in " \t\r\n,":
+            pos += 1
+    calls = [_as_call(o, names) for o in objects]
+    if not calls or any(c is None for c in calls):
+        return None
+    return [c for c in calls if c is not None]
+
+
+def parse_tool_calls(text: str, tool_names: list[str] | set[str]) -> ParsedOutput:
+    """Split ``text`` into content and calls to the offered tools.
+
+    >>> parse_tool_calls('{"name": "f", "arguments": {"x": 1}}', ["f"]).tool_calls
+    (ParsedToolCall(name='f', arguments='{"x": 1}'),)
+    """
+    names = set(tool_names)
+    bare = _bare_calls(text, names)
+    if bare is not None:
+        return ParsedOutput(None, tuple(bare))
+    calls: list[ParsedToolCall] = []
+    for match in _TAGGED.finditer(text):
+        try:
+            obj = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            continue
+        call = _as_call(obj, names)
+        if call is not None:
+            calls.append(call)
+    if not calls:
+        return ParsedOutput(text, ())
+    content = _TAGGED.sub("", text).strip()
+    return ParsedOutput(content or None, tuple(calls))

@@ -1,0 +1,110 @@
+"""Typed messages between the router and the decoding backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from decoding.constraint import Constraint, NoConstraint
+from schemas.errors import InvalidRequestError
+
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` means greedy (argmax)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: all tokens
+    seed: int | None = None
+    max_tokens: int | None = None  # None: up to the context length
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InvalidRequestError("temperature must be in [0, 2]", param="temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError("top_p must be in (0, 1]", param="top_p")
+        if self.top_k == 0 or self.top_k < -1:
+            raise InvalidRequestError("top_k must be -1 (off) or >= 1", param="top_k")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be >= 1", param="max_tokens")
+        if self.n < 1:
+            raise InvalidRequestError("n must be >= 1", param="n")
+        if not 0 <= self.top_logprobs <= 20:
+            raise InvalidRequestError("top_logprobs must be in [0, 20]", param="top_logprobs")
+        if len(self.stop) > 4 or any(not s for s in self.stop):
+            raise InvalidRequestError("stop takes at most 4 non-empty strings", param="stop")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One chat request for one backend: messages in OpenAI's shape plus decoding settings."""
+
+    messages: tuple[dict[str, Any], ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    constraint: Constraint = field(default_factory=NoConstraint)
+    tools: tuple[dict[str, Any], ...] = ()  # OpenAI tool objects, rendered into the prompt
+    request_id: str = ""
+    task_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One emitted token and the facts the router scores confidence with.
+
+    ``logprob``, ``entropy`` and ``top_logprobs`` describe the model's distribution restricted
+    to the tokens the grammar allows (renormalised, before temperature/top-p/top-k), i.e. the
+    distribution the constrained output is drawn from. ``allowed_mass`` is the model's
+    probability mass on grammar-allowed tokens *before* masking (grammar agreement; 1.0 when
+    unconstrained). ``forced`` marks tokens the grammar fixed (a single allowed token or a
+    jump-forward string); they carry no information about the model's confidence.
+    """
+
+    index: int  # choice index (n > 1)
+    token_id: int
+    text: str  # detokenised text this token adds (may be "" while a UTF-8 char is incomplete)
+    logprob: float
+    entropy: float
+    allowed_mass: float
+    forced: bool
+    top_logprobs: tuple[TopLogprob, ...] = ()
+    finish_reason: FinishReason | None = None  # set on the last event of a choice
+
+
+@dataclass(slots=True)
+class Choice:
+    index: int
+    text: str
+    token_ids: list[int]
+    events: list[TokenEvent]
+    finish_reason: FinishReason
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """A finished generation: what ``Backend.complete`` returns."""
+
+    choices: list[Choice]
+    prompt_tokens: int
+    model: str
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.choices)

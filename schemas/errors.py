@@ -1,0 +1,117 @@
+"""The one error hierarchy of slmgate; the gateway translates it into OpenAI error bodies.
+
+    SlmgateError                      500 server_error
+    ├── InvalidRequestError           400 invalid_request_error
+    │   ├── UnsupportedSchemaError    400 invalid_request_error, code "unsupported_schema"
+    │   ├── UnsatisfiableSchemaError  400 invalid_request_error, code "unsatisfiable_schema"
+    │   └── ContextLengthError        400 invalid_request_error, code "context_length_exceeded"
+    ├── AuthenticationError           401 authentication_error
+    ├── NotFoundError                 404 not_found_error, code "model_not_found"
+    ├── PayloadTooLargeError          413 invalid_request_error
+    ├── RateLimitError                429 rate_limit_error (retryable)
+    ├── OverloadedError               503 overloaded_error (retryable)
+    ├── UpstreamError                 502 upstream_error (retryable)
+    ├── GenerationCancelled           499 cancelled (client went away)
+    └── ModelLoadError                500 server_error (weights missing or failing their check)
+
+Each class carries ``status``, an OpenAI ``type`` and ``code``, and ``retryable`` so the router can
+tell a caller's mistake (never retried on another tier) from a server-side failure.
+"""
+
+from __future__ import annotations
+
+
+class SlmgateError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+    retryable: bool = False
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_body(self) -> dict[str, dict[str, str | None]]:
+        """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(SlmgateError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class UnsupportedSchemaError(InvalidRequestError):
+    """A schema no grammar engine here can enforce; the message names the keyword."""
+
+    code = "unsupported_schema"
+
+
+class UnsatisfiableSchemaError(InvalidRequestError):
+    """A schema no JSON value can satisfy, so constrained decoding could never finish."""
+
+    code = "unsatisfiable_schema"
+
+
+class ContextLengthError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class AuthenticationError(SlmgateError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFoundError(SlmgateError):
+    status = 404
+    type = "not_found_error"
+    code = "model_not_found"
+
+
+class PayloadTooLargeError(SlmgateError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class RateLimitError(SlmgateError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    retryable = True
+
+
+class OverloadedError(SlmgateError):
+    status = 503
+    type = "overloaded_error"
+    code = "overloaded"
+    retryable = True
+
+
+class UpstreamError(SlmgateError):
+    status = 502
+    type = "upstream_error"
+    retryable = True
+
+
+class GenerationCancelled(SlmgateError):
+    status = 499
+    type = "cancelled"
+    code = "client_disconnected"
+
+
+class ModelLoadError(SlmgateError):
+    status = 500
+    type = "server_error"
+    code = "model_load_failed"

@@ -1,0 +1,168 @@
+"""Grammar building and the compile cache on a toy vocabulary: no model needed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import xgrammar as xgr
+from xgrammar.testing import _is_grammar_accept_string as accepts
+
+from decoding.constraint import JsonObject, JsonSchema, NoConstraint, ToolCalls, ToolSpec
+from decoding.grammar import GrammarCompiler
+from decoding.tool_grammar import tool_call_structural_tag
+from schemas.errors import InvalidRequestError, UnsatisfiableSchemaError, UnsupportedSchemaError
+
+# Single characters plus a few merged tokens; id 0 is the end-of-text token.
+VOCAB = ["</s>", *list('{}[]":, abcdefghijklmnopqrstuvwxyz0123456789_-.\n<>/'), '{"', '":', '"}']
+
+WEATHER = ToolSpec(
+    "get_weather",
+    {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+     "additionalProperties": False},
+)  # fmt: skip
+TIME = ToolSpec("get_time", {"type": "object", "properties": {"tz": {"type": "string"}}})
+
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+TAGGED = f"<tool_call>\n{CALL}\n</tool_call>"
+TAGGED_TIME = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
+
+
+@pytest.fixture
+def compiler() -> GrammarCompiler:
+    info = xgr.TokenizerInfo(VOCAB, vocab_type=xgr.VocabType.RAW, stop_token_ids=[0])
+    return GrammarCompiler(info, cache_size=2)
+
+
+def grammar_for(constraint: ToolCalls) -> xgr.Grammar:
+    return xgr.Grammar.from_structural_tag(json.dumps(tool_call_structural_tag(constraint)))
+
+
+# (mode, parallel, text, accepted, why)
+TOOL_CASES = [
+    ("auto", True, TAGGED, True, "tagged call"),
+    ("auto", True, CALL, True, "bare call: small models drop the tags"),
+    ("auto", True, "It is sunny.", True, "auto allows plain text"),
+    ("auto", True, f"Let me check. {TAGGED}", True, "text then a constrained call"),
+    ("auto", True, '{"name": "nope", "arguments": {}}', False, "name must be an offered tool"),
+    ("auto", True, '{"name": "get_weather", "arguments": {"city": 3}}', False, "args typed"),
+    ("auto", True, '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>', False,
+     "a leading tag is always a constrained call"),
+    ("auto", True, "x " + TAGGED.replace('"Paris"', "1"), False,
+     "a call inside text is still constrained"),
+    ("required", True, "It is sunny.", False, "required forbids text"),
+    ("required", True, f"{TAGGED}\n{TAGGED_TIME}", True, "parallel calls"),
+    ("required", False, f"{TAGGED}\n{TAGGED_TIME}", False, "parallel_tool_calls=false: one"),
+    ("required", True, '{"name": "get_weather", "arguments": {"city": "P", "x": 1}}', False,
+     "additionalProperties false holds inside calls"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("mode", "parallel", "text", "accepted", "why"), TOOL_CASES)
+def test_tool_grammar(mode: str, parallel: bool, text: str, accepted: bool, why: str) -> None:
+    constraint = ToolCalls((WEATHER, TIME), mode=mode, parallel=parallel)  # type: ignore[arg-type]
+    assert accepts(grammar_for(constraint), text) is accepted, why
+
+
+def test_named_tool_choice_allows_only_that_tool() -> None:
+    grammar = grammar_for(ToolCalls((TIME,), mode="named"))
+    assert accepts(grammar, TAGGED_TIME)
+    assert not accepts(grammar, TAGGED)
+
+
+def test_tools_with_final_response_format() -> None:
+    """Agents SDK shape: a tagged call, or the final JSON answer; no free text."""
+    final = JsonSchema({"type": "object", "properties": {"answer": {"type": "string"}},
+                        "required": ["answer"]})  # fmt: skip
+    grammar = grammar_for(ToolCalls((WEATHER,), mode="auto", final=final))
+    assert accepts(grammar, TAGGED)
+    assert accepts(grammar, '{"answer": "sunny"}')
+    assert not accepts(grammar, '{"other": 1}')
+    assert not accepts(grammar, "It is sunny.")
+
+
+def test_compile_cache_hits_on_equivalent_schema(compiler: GrammarCompiler) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "title": "T"}
+    same_but_annotated = {**schema, "description": "annotations do not change the grammar"}
+    first = compiler.compile(JsonSchema(schema))
+    second = compiler.compile(JsonSchema(same_but_annotated))
+    assert first is second
+    assert (compiler.hits, compiler.misses) == (1, 1)
+
+
+def test_compile_cache_is_lru_bounded(compiler: GrammarCompiler) -> None:
+    a, b, c = ({"type": "integer", "maximum": i} for i in range(3))
+    first = compiler.compile(JsonSchema(a))
+    compiler.compile(JsonSchema(b))
+    compiler.compile(JsonSchema(a))  # a is now most recent
+    compiler.compile(JsonSchema(c))  # evicts b
+    assert compiler.compile(JsonSchema(a)) is first
+    misses = compiler.misses
+    compiler.compile(JsonSchema(b))
+    assert compiler.misses == misses + 1
+
+
+def test_strictness_is_part_of_the_key(compiler: GrammarCompiler) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert compiler.compile(JsonSchema(schema, strict=True)) is not compiler.compile(
+        JsonSchema(schema, strict=False)
+    )
+
+
+def test_no_constraint_compiles_to_nothing(compiler: GrammarCompiler) -> None:
+    assert compiler.compile(NoConstraint()) is None
+
+
+def test_json_object_matcher_walks_and_rolls_back(compiler: GrammarCompiler) -> None:
+    compiled = compiler.compile(JsonObject())
+    assert compiled is not None
+    state = compiler.new_state(compiled)
+    ids = [VOCAB.index(c) for c in '{"a": 1}']  # compact separators
+    assert state.validate_tokens(ids) == len(ids)  # does not advance
+    assert state.validate_tokens([VOCAB.index("}"), VOCAB.index("{")]) == 0
+    for token in ids[:3]:
+        assert state.accept(token)
+    state.rollback(2)
+    assert state.validate_tokens(ids[1:]) == len(ids) - 1
+    assert state.jump_forward() == ""
+
+
+def test_jump_forward_string_for_forced_text(compiler: GrammarCompiler) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}  # fmt: skip
+    compiled = compiler.compile(JsonSchema(schema, strict=True))
+    assert compiled is not None
+    assert compiler.new_state(compiled).jump_forward() == '{"city": "'
+
+
+# (schema, error class, words the message must contain)
+BAD_SCHEMAS = [
+    ({"type": "array", "enum": ["a", "b"]}, UnsatisfiableSchemaError, ["enum", "array"]),
+    ({"type": "integer", "minimum": 5, "maximum": 2}, UnsatisfiableSchemaError, ["minimum"]),
+    ({"enum": []}, UnsatisfiableSchemaError, ["enum"]),
+    ({"type": "object", "required": ["a"], "additionalProperties": False},
+     UnsatisfiableSchemaError, ["'a'"]),
+    ({"$ref": "https://example.com/s.json"}, UnsupportedSchemaError, ["$ref"]),
+    ({"type": "strin"}, InvalidRequestError, ["invalid JSON schema"]),
+    ({"type": "object", "properties": []}, InvalidRequestError, ["properties"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("schema", "error", "words"), BAD_SCHEMAS)
+def test_bad_schemas_get_clear_400s(
+    compiler: GrammarCompiler, schema: dict[str, object], error: type[Exception], words: list[str]
+) -> None:
+    with pytest.raises(error) as info:
+        compiler.compile(JsonSchema(schema))
+    exc = info.value
+    assert getattr(exc, "status", None) == 400
+    assert getattr(exc, "param", None) == "response_format"
+    for word in words:
+        assert word in str(exc)
+
+
+def test_bad_tool_parameters_name_the_tool(compiler: GrammarCompiler) -> None:
+    bad = ToolSpec("f", {"type": "array", "enum": ["x"]})
+    with pytest.raises(UnsatisfiableSchemaError) as info:
+        compiler.compile(ToolCalls((WEATHER, bad)))
+    assert info.value.param == "tools.1.function.parameters"
