@@ -21,8 +21,10 @@ class JsonObject:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class JsonSchema:
-    """A JSON value valid against ``schema``. ``strict`` forbids properties the schema does not
-    declare (OpenAI ``strict: true``); non-strict follows plain JSON-Schema semantics."""
+    """A JSON value valid against ``schema``.
+
+    Both OpenAI modes are enforced by the grammar, which never generates properties the schema
+    does not declare; ``strict`` is kept for logs and for black-box backends."""
 
     schema: dict[str, Any] | bool
     strict: bool = False

@@ -35,7 +35,7 @@ from decoding.types import (
     TokenEvent,
     TopLogprob,
 )
-from schemas.errors import ContextLengthError, GenerationCancelled, InvalidRequestError
+from schemas.errors import ContextLengthError, GenerationCancelled
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class EmbeddedEngine:
                         yield FinishEvent(index, "stop", _final_text(detok, stops), n_prompt)
                         return
                     if grammar is not None and not grammar.accept(pick.token_id):
-                        raise RuntimeError(f"grammar rejected its own allowed token {pick.token_id}")
+                        raise RuntimeError(f"grammar rejected allowed token {pick.token_id}")
                     steps = [(pick.token_id, pick)]
                 for token, pick in steps:
                     produced += 1
@@ -271,7 +271,7 @@ class EmbeddedEngine:
         """Run ``ids`` through the model with ``cache``; logits of the last position (float32)."""
         out = self.model(
             input_ids=torch.tensor([ids], device=self.model.device),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )

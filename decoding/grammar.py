@@ -177,8 +177,10 @@ class GrammarCompiler:
         after = tuple(keywords_checked_after(schema))
         text = json.dumps(schema)
         try:
+            # strict_mode: never generate properties the schema does not declare (the output
+            # still validates); small models otherwise invent keys until max_tokens.
             grammar = self._compiler.compile_json_schema(
-                text, any_whitespace=False, strict_mode=constraint.strict
+                text, any_whitespace=False, strict_mode=True
             )
             return CompiledConstraint(grammar, "xgrammar", schema, after)
         except Exception as exc:
@@ -223,12 +225,14 @@ def check_usable(schema: Any, param: str) -> None:
     check_schema(schema, param)
     reason = unsatisfiable_reason(schema)
     if reason is not None:
-        raise UnsatisfiableSchemaError(f"the JSON schema cannot be satisfied: {reason}", param=param)
+        raise UnsatisfiableSchemaError(
+            f"the JSON schema cannot be satisfied: {reason}", param=param
+        )
 
 
 def _cache_key(constraint: Constraint) -> str:
     if isinstance(constraint, JsonSchema):
-        return schema_key("json_schema", constraint.schema, strict=constraint.strict)
+        return schema_key("json_schema", constraint.schema)
     if isinstance(constraint, ToolCalls):
         return schema_key("tool_calls", tool_call_structural_tag(constraint))
     if isinstance(constraint, Regex):

@@ -39,7 +39,7 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16: {self.dtype!r}")
         if not self.source.startswith("builtin:") and not Path(self.source).exists():
             raise ValueError(f"model source {self.source!r} is neither builtin:… nor a directory")
         if self.source.startswith("builtin:") and self.source not in BUILTIN_SOURCES:

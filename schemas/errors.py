@@ -11,6 +11,7 @@
     ├── RateLimitError                429 rate_limit_error (retryable)
     ├── OverloadedError               503 overloaded_error (retryable)
     ├── UpstreamError                 502 upstream_error (retryable)
+    ├── RequestTimeoutError           504 timeout (retryable)
     ├── GenerationCancelled           499 cancelled (client went away)
     └── ModelLoadError                500 server_error (weights missing or failing their check)
 
@@ -102,6 +103,13 @@ class OverloadedError(SlmgateError):
 class UpstreamError(SlmgateError):
     status = 502
     type = "upstream_error"
+    retryable = True
+
+
+class RequestTimeoutError(SlmgateError):
+    status = 504
+    type = "timeout"
+    code = "request_timeout"
     retryable = True
 
 

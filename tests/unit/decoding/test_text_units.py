@@ -82,7 +82,7 @@ TOOL = ToolSpec("f", {"type": "object", "properties": {"x": {"type": "integer"}}
          '{"y": 2}', True),
         (ToolCalls((TOOL,), final=JsonSchema({"type": "object", "required": ["y"]})),
          '{"z": 2}', False),
-    ],  # fmt: skip
+    ],
 )
 def test_check_output(constraint: object, text: str, valid: bool) -> None:
     assert check_output(constraint, text).valid is valid  # type: ignore[arg-type]

@@ -68,7 +68,7 @@ def test_unsatisfiable(schema: dict[str, Any], reason_part: str) -> None:
         {"type": "integer", "minimum": 1, "maximum": 1},
         {"type": "object", "required": ["a"], "properties": {"a": {}},
          "additionalProperties": False},
-    ],  # fmt: skip
+    ],
 )
 def test_satisfiable(schema: dict[str, Any]) -> None:
     assert unsatisfiable_reason(schema) is None

@@ -1,0 +1,105 @@
+"""One typed configuration: a YAML/TOML file plus ``SLMGATE_*`` environment overrides.
+
+With no file at all, slmgate serves the embedded defaults: model ``slm`` (SmolLM2-135M),
+model ``llm`` (Qwen2.5-Coder-0.5B) and route ``auto`` (SLM first).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from decoding.models import DEFAULT_MODELS, ModelSpec
+from router.router import Route
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_queue: int = 64  # requests waiting per backend before 503
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1024 or self.max_queue < 1 or self.request_timeout_s <= 0:
+            raise ValueError("limits: max_body_bytes >= 1024, max_queue >= 1, timeout > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    models: tuple[ModelSpec, ...] = DEFAULT_MODELS
+    routes: tuple[Route, ...] = (Route("auto", ("slm", "llm")),)
+    api_keys: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique: {names}")
+        for route in self.routes:
+            unknown = [t for t in route.tiers if t not in names]
+            if unknown:
+                raise ValueError(f"route {route.name!r} names unknown models {unknown}")
+
+
+def _read_file(path: Path) -> Mapping[str, Any]:
+    text = path.read_text()
+    data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the config must be a mapping")
+    return data
+
+
+def from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
+    known = {"models", "routes", "api_keys", "limits", "host", "port", "cache_dir"}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown config keys: {sorted(unknown)}")
+    config = GatewayConfig()
+    if "models" in data:
+        config = replace(config, models=tuple(ModelSpec(**m) for m in data["models"]))
+    if "routes" in data:
+        routes = tuple(
+            Route(r["name"], tuple(r["tiers"]), r.get("policy", "single")) for r in data["routes"]
+        )
+        config = replace(config, routes=routes)
+    if "limits" in data:
+        config = replace(config, limits=Limits(**data["limits"]))
+    for key in ("host", "port", "cache_dir"):
+        if key in data:
+            config = replace(config, **{key: data[key]})
+    if "api_keys" in data:
+        config = replace(config, api_keys=tuple(str(k) for k in data["api_keys"]))
+    return config
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> (
+    GatewayConfig
+):
+    """Read ``path`` (or ``$SLMGATE_CONFIG``), then apply environment overrides:
+    ``SLMGATE_API_KEYS`` (comma-separated), ``SLMGATE_MAX_BODY_BYTES``,
+    ``SLMGATE_MAX_QUEUE``, ``SLMGATE_REQUEST_TIMEOUT_S``, ``SLMGATE_CACHE``."""
+    env = os.environ if env is None else env
+    path = path or env.get("SLMGATE_CONFIG")
+    config = from_mapping(_read_file(Path(path))) if path else GatewayConfig()
+    if env.get("SLMGATE_API_KEYS"):
+        keys = tuple(k.strip() for k in env["SLMGATE_API_KEYS"].split(",") if k.strip())
+        config = replace(config, api_keys=keys)
+    limits = config.limits
+    if "SLMGATE_MAX_BODY_BYTES" in env:
+        limits = replace(limits, max_body_bytes=int(env["SLMGATE_MAX_BODY_BYTES"]))
+    if "SLMGATE_MAX_QUEUE" in env:
+        limits = replace(limits, max_queue=int(env["SLMGATE_MAX_QUEUE"]))
+    if "SLMGATE_REQUEST_TIMEOUT_S" in env:
+        limits = replace(limits, request_timeout_s=float(env["SLMGATE_REQUEST_TIMEOUT_S"]))
+    if env.get("SLMGATE_CACHE"):
+        config = replace(config, cache_dir=env["SLMGATE_CACHE"])
+    return replace(config, limits=limits)
