@@ -1,8 +1,8 @@
 """Turn generated text into content and tool calls.
 
-Accepts the three shapes the tool grammar allows (and black-box models produce): Hermes/Qwen
-``<tool_call>`` blocks anywhere in the text, a bare JSON call, or several bare calls one per line
-(or as a JSON array). A call is ``{"name": ..., "arguments": {...}}``; ``parameters`` is accepted
+Accepts the shapes the tool grammar allows (and black-box models produce): Hermes/Qwen
+``<tool_call>`` blocks anywhere in the text, a bare JSON call, several bare calls one per line
+(or as a JSON array), and bare calls inside one markdown JSON fence. A call is ``{"name": ..., "arguments": {...}}``; ``parameters`` is accepted
 for ``arguments`` since some models write that.
 """
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+_FENCED = re.compile(r"^\s*```(?:json)?\s*\n(.*?)\n?```\s*$", re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +76,8 @@ def parse_tool_calls(text: str, tool_names: list[str] | set[str]) -> ParsedOutpu
     (ParsedToolCall(name='f', arguments='{"x": 1}'),)
     """
     names = set(tool_names)
-    bare = _bare_calls(text, names)
+    fenced = _FENCED.match(text)
+    bare = _bare_calls(fenced.group(1) if fenced else text, names)
     if bare is not None:
         return ParsedOutput(None, tuple(bare))
     calls: list[ParsedToolCall] = []

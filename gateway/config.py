@@ -63,22 +63,18 @@ def from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    config = GatewayConfig()
+    kwargs: dict[str, Any] = {k: data[k] for k in ("host", "port", "cache_dir") if k in data}
     if "models" in data:
-        config = replace(config, models=tuple(ModelSpec(**m) for m in data["models"]))
+        kwargs["models"] = tuple(ModelSpec(**m) for m in data["models"])
     if "routes" in data:
-        routes = tuple(
+        kwargs["routes"] = tuple(
             Route(r["name"], tuple(r["tiers"]), r.get("policy", "single")) for r in data["routes"]
         )
-        config = replace(config, routes=routes)
     if "limits" in data:
-        config = replace(config, limits=Limits(**data["limits"]))
-    for key in ("host", "port", "cache_dir"):
-        if key in data:
-            config = replace(config, **{key: data[key]})
+        kwargs["limits"] = Limits(**data["limits"])
     if "api_keys" in data:
-        config = replace(config, api_keys=tuple(str(k) for k in data["api_keys"]))
-    return config
+        kwargs["api_keys"] = tuple(str(k) for k in data["api_keys"])
+    return GatewayConfig(**kwargs)
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> (

@@ -25,6 +25,7 @@ PARSE_CASES = [
     (f"Sure.\n<tool_call>\n{CALL}\n</tool_call>", "Sure.", [("f", '{"x": 1}')], "text + tag"),
     (f"{CALL}\n{CALL}", None, [("f", '{"x": 1}')] * 2, "bare parallel calls, one per line"),
     (f"[{CALL}, {CALL}]", None, [("f", '{"x": 1}')] * 2, "bare calls as an array"),
+    (f"```json\n{CALL}\n```", None, [("f", '{"x": 1}')], "fenced bare call"),
     ('{"name": "f", "parameters": {"x": 1}}', None, [("f", '{"x": 1}')], "parameters alias"),
     ('{"name": "f", "arguments": "{\\"x\\": 1}"}', None, [("f", '{"x": 1}')], "string args"),
     ('{"name": "g", "arguments": {}}', '{"name": "g", "arguments": {}}', [], "unknown tool"),

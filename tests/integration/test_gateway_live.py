@@ -1,0 +1,231 @@
+"""A live ``slmgate serve`` on a free port, driven by the official openai SDK and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from pydantic import BaseModel
+
+from schemas.jsonschema_utils import validation_errors
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-test-slmgate"
+WEATHER_PARAMS = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "strict": True,
+                                      "description": "Weather for a city",
+                                      "parameters": WEATHER_PARAMS}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]}}},
+]  # fmt: skip
+ASK = [{"role": "user", "content": "What's the weather in Paris in celsius?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    config = tmp_path_factory.mktemp("cfg") / "slmgate.yaml"
+    config.write_text(
+        "models:\n  - {name: slm, source: 'builtin:smollm2-135m-instruct', tier: slm}\n"
+        "routes:\n  - {name: auto, tiers: [slm]}\n"
+        f"api_keys: [{KEY}]\nlimits: {{max_body_bytes: 200000}}\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--config",
+         str(config), "--log-level", "warning"],
+        env={**os.environ}, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "server exited during startup"
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("server did not become ready")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def test_tool_call_required_strict(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="auto", messages=ASK, tools=TOOLS, tool_choice="required",  # type: ignore[arg-type]
+        parallel_tool_calls=False, max_tokens=80, temperature=0,
+    )  # fmt: skip
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.id.startswith("call_")
+    assert call.function.name in {"get_weather", "get_time"}
+    params = TOOLS[0 if call.function.name == "get_weather" else 1]["function"]["parameters"]
+    assert validation_errors(json.loads(call.function.arguments), params) == []
+    assert r.usage and r.usage.completion_tokens > 0
+
+
+def test_named_tool_choice(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="slm", messages=ASK, tools=TOOLS, max_tokens=80, temperature=0,  # type: ignore[arg-type]
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+    )  # fmt: skip
+    calls = r.choices[0].message.tool_calls
+    assert calls and [c.function.name for c in calls] == ["get_time"]
+    assert "tz" in json.loads(calls[0].function.arguments)
+
+
+def test_json_schema_response_format(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"},
+              "population": {"type": "integer", "minimum": 0}},
+              "required": ["city", "population"], "additionalProperties": False}  # fmt: skip
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "Paris has about 2 million people. "
+                                 "Give its name and population."}],
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "city", "schema": schema, "strict": True}},
+        max_tokens=120, temperature=0,
+    )  # fmt: skip
+    assert raw.headers["x-slmgate-tier"] == "slm"
+    r = raw.parse()
+    assert r.choices[0].finish_reason == "stop"
+    assert validation_errors(json.loads(r.choices[0].message.content or ""), schema) == []
+
+
+def test_parse_with_pydantic(client: openai.OpenAI) -> None:
+    class Cat(BaseModel):
+        name: str
+        age: int
+
+    r = client.chat.completions.parse(
+        model="auto", messages=[{"role": "user", "content": "Invent a cat."}],
+        response_format=Cat, max_tokens=60, temperature=0,
+    )  # fmt: skip
+    assert isinstance(r.choices[0].message.parsed, Cat)
+
+
+def test_stream_tool_calls_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="auto", messages=ASK, tools=TOOLS, tool_choice="required",  # type: ignore[arg-type]
+        parallel_tool_calls=False, max_tokens=80, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    tool_deltas = [t for d in deltas for t in (d.tool_calls or [])]
+    first = tool_deltas[0]
+    assert first.index == 0 and first.id and first.function and first.function.name
+    arguments = "".join(t.function.arguments or "" for t in tool_deltas if t.function)
+    json.loads(arguments)
+    assert all(t.id is None for t in tool_deltas[1:])
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "tool_calls"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stream_text_with_logprobs(client: openai.OpenAI) -> None:
+    kwargs = {"model": "auto", "messages": [{"role": "user", "content": "Say hello."}],
+              "max_tokens": 12, "temperature": 0}  # fmt: skip
+    whole = client.chat.completions.create(**kwargs, logprobs=True, top_logprobs=2)  # type: ignore[call-overload]
+    streamed = list(client.chat.completions.create(**kwargs, stream=True, logprobs=True))  # type: ignore[call-overload]
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == whole.choices[0].message.content
+    content = whole.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content and len(content) == whole.usage.completion_tokens  # type: ignore[union-attr]
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
+def _post(server: str, body: bytes | str, key: str = KEY) -> httpx.Response:
+    return httpx.post(
+        f"{server}/v1/chat/completions", content=body, timeout=120,
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )  # fmt: skip
+
+
+def _body(**fields: object) -> str:
+    return json.dumps({"model": "slm", "messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+# (body, status, error type, param, code)
+BAD_INPUTS = [
+    ('{"model": "slm", "messages": [', 400, "invalid_request_error", None, None),
+    ('{"messages": [{"role": "user", "content": "x"}]}', 400, "invalid_request_error", "model",
+     "missing_required_parameter"),
+    (_body(temperature=5), 400, "invalid_request_error", "temperature", "invalid_value"),
+    (_body(messages=[{"role": "wizard", "content": "x"}]), 400, "invalid_request_error",
+     "messages.0.role", "invalid_value"),
+    (_body(model="gpt-9"), 404, "not_found_error", "model", "model_not_found"),
+    (_body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "array", "enum": ["a"]}}}), 400, "invalid_request_error", "response_format",
+     "unsatisfiable_schema"),
+    (_body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "$ref": "https://example.com/x.json"}}}), 400, "invalid_request_error",
+     "response_format", "unsupported_schema"),
+    (_body(messages=[{"role": "user", "content": "word " * 9000}]), 400,
+     "invalid_request_error", "messages", "context_length_exceeded"),
+    (_body(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), 400,
+     "invalid_request_error", "tool_choice", "invalid_value"),
+    (_body(messages=[{"role": "user", "content": "x" * 300_000}]), 413,
+     "invalid_request_error", None, "payload_too_large"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "status", "kind", "param", "code"), BAD_INPUTS)
+def test_bad_inputs_get_openai_errors(
+    server: str, body: str, status: int, kind: str, param: str | None, code: str | None
+) -> None:
+    r = _post(server, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["param"]) == (kind, param)
+    if code is not None:
+        assert error["code"] == code
+    assert error["message"]
+
+
+def test_auth_and_server_stays_up(server: str, client: openai.OpenAI) -> None:
+    r = _post(server, _body(max_tokens=2), key="wrong")
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{server}/v1/models", timeout=10).status_code == 401
+    models = client.models.list()
+    assert {m.id for m in models.data} >= {"slm", "auto"}
+    after = client.chat.completions.create(model="slm", messages=ASK, max_tokens=3)  # type: ignore[arg-type]
+    assert after.choices[0].message.content is not None
+    assert httpx.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
