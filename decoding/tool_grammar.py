@@ -24,6 +24,8 @@ TAG_OPEN = "<tool_call>"
 TAG_CLOSE = "</tool_call>"
 FENCE_OPEN = "```json\n"
 FENCE_CLOSE = "\n```"
+# First character of free text in ``auto`` mode: not where a call could start, not whitespace.
+TEXT_START = r"[^{<`\s]"
 # Longest run of whitespace allowed inside generated JSON: enough for "a": 1 but not for the
 # endless newlines a small model can fall into.
 MAX_JSON_WHITESPACE = 2
@@ -89,7 +91,7 @@ def _text_with_tagged_calls(tools: tuple[ToolSpec, ...], parallel: bool) -> dict
     return {
         "type": "or",
         "elements": [
-            {"type": "sequence", "elements": [{"type": "regex", "pattern": r"[^{<`\s]"}, triggered]},
+            {"type": "sequence", "elements": [{"type": "regex", "pattern": TEXT_START}, triggered]},
             {
                 "type": "triggered_tags",
                 "triggers": [TAG_OPEN],

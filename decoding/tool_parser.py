@@ -2,8 +2,9 @@
 
 Accepts the shapes the tool grammar allows (and black-box models produce): Hermes/Qwen
 ``<tool_call>`` blocks anywhere in the text, a bare JSON call, several bare calls one per line
-(or as a JSON array), and bare calls inside one markdown JSON fence. A call is ``{"name": ..., "arguments": {...}}``; ``parameters`` is accepted
-for ``arguments`` since some models write that.
+(or as a JSON array), and bare calls inside one markdown JSON fence. A call is
+``{"name": ..., "arguments": {...}}``; ``parameters`` is accepted for ``arguments`` since some
+models write that.
 """
 
 from __future__ import annotations

@@ -88,13 +88,15 @@ def test_tool_call_required_strict(client: openai.OpenAI) -> None:
     )  # fmt: skip
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
-    assert choice.message.tool_calls and len(choice.message.tool_calls) == 1
+    assert choice.message.tool_calls
+    assert len(choice.message.tool_calls) == 1
     call = choice.message.tool_calls[0]
     assert call.id.startswith("call_")
     assert call.function.name in {"get_weather", "get_time"}
     params = TOOLS[0 if call.function.name == "get_weather" else 1]["function"]["parameters"]
     assert validation_errors(json.loads(call.function.arguments), params) == []
-    assert r.usage and r.usage.completion_tokens > 0
+    assert r.usage
+    assert r.usage.completion_tokens > 0
 
 
 def test_named_tool_choice(client: openai.OpenAI) -> None:
@@ -103,7 +105,8 @@ def test_named_tool_choice(client: openai.OpenAI) -> None:
         tool_choice={"type": "function", "function": {"name": "get_time"}},
     )  # fmt: skip
     calls = r.choices[0].message.tool_calls
-    assert calls and [c.function.name for c in calls] == ["get_time"]
+    assert calls
+    assert [c.function.name for c in calls] == ["get_time"]
     assert "tz" in json.loads(calls[0].function.arguments)
 
 
@@ -146,13 +149,17 @@ def test_stream_tool_calls_with_usage(client: openai.OpenAI) -> None:
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     tool_deltas = [t for d in deltas for t in (d.tool_calls or [])]
     first = tool_deltas[0]
-    assert first.index == 0 and first.id and first.function and first.function.name
+    assert first.index == 0
+    assert first.id
+    assert first.function
+    assert first.function.name
     arguments = "".join(t.function.arguments or "" for t in tool_deltas if t.function)
     json.loads(arguments)
     assert all(t.id is None for t in tool_deltas[1:])
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "tool_calls"
-    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens > 0
     assert all(c.usage is None for c in chunks[:-1])
 
@@ -165,7 +172,8 @@ def test_stream_text_with_logprobs(client: openai.OpenAI) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert text == whole.choices[0].message.content
     content = whole.choices[0].logprobs.content  # type: ignore[union-attr]
-    assert content and len(content) == whole.usage.completion_tokens  # type: ignore[union-attr]
+    assert content
+    assert len(content) == whole.usage.completion_tokens
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
     assert streamed[-1].choices[0].finish_reason == "length"
 
