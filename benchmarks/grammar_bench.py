@@ -95,7 +95,8 @@ def _prompt(schema: Any) -> tuple[dict[str, Any], ...]:
 
 def bench_decode(engine: Any, schemas: list[tuple[str, Any]], max_tokens: int) -> dict[str, Any]:
     """Interleaved per prompt so drift hits both arms alike."""
-    plain, constrained = [], []
+    plain: list[float] = []
+    constrained: list[float] = []
     forced = produced = 0
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     for _, schema in schemas:

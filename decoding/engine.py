@@ -27,7 +27,7 @@ from decoding.constraint import ToolCalls
 from decoding.detokenize import IncrementalDetokenizer, StopStrings
 from decoding.grammar import CompiledConstraint, GrammarCompiler, GrammarState
 from decoding.loader import LoadedModel
-from decoding.sampling import pick_token
+from decoding.sampling import Pick, pick_token
 from decoding.types import (
     Choice,
     GenerationRequest,
@@ -223,6 +223,7 @@ class EmbeddedEngine:
                     yield FinishEvent(index, "length", _final_text(detok, stops), n_prompt)
                     return
                 forced = self._jump_forward(grammar, prepared.max_new_tokens - produced)
+                steps: list[tuple[int, Pick | None]]
                 if forced:
                     steps = [(t, None) for t in forced]
                 else:
@@ -236,10 +237,10 @@ class EmbeddedEngine:
                     if grammar is not None and not grammar.accept(pick.token_id):
                         raise RuntimeError(f"grammar rejected allowed token {pick.token_id}")
                     steps = [(pick.token_id, pick)]
-                for token, pick in steps:
+                for token, step_pick in steps:
                     produced += 1
                     released, hit_stop = stops.push(detok.push(token))
-                    yield self._event(index, token, released, pick)
+                    yield self._event(index, token, released, step_pick)
                     if hit_stop:
                         yield FinishEvent(index, "stop", "", n_prompt)
                         return
@@ -275,9 +276,10 @@ class EmbeddedEngine:
             use_cache=True,
             logits_to_keep=1,
         )
-        return out.logits[0, -1].float()
+        logits: torch.Tensor = out.logits[0, -1].float()
+        return logits
 
-    def _event(self, index: int, token: int, text: str, pick: Any) -> TokenEvent:
+    def _event(self, index: int, token: int, text: str, pick: Pick | None) -> TokenEvent:
         if pick is None:  # forced by the grammar: certain under the constrained distribution
             return TokenEvent(index, token, text, 0.0, 0.0, 1.0, True)
         top = tuple(TopLogprob(t, self.token_text(t), lp) for t, lp in pick.top)

@@ -42,7 +42,8 @@ def _from_dir(path: Path, dtype: torch.dtype, device: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = model.to(device)
     model.eval()
     return model, tokenizer
 
@@ -53,7 +54,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
 
     log.info("converting %s (one-time, ~30 s) into %s", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     # A GGUF-loaded model carries a quantizer marker that makes save_pretrained refuse; the

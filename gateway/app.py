@@ -33,6 +33,7 @@ from gateway.render import (
     message_of,
     response_of,
     sse,
+    wire_finish_reason,
 )
 from router.request import generation_request
 from router.router import Answer, Router
@@ -276,7 +277,7 @@ async def _stream(
                         if event.text:
                             yield chunk([ChatCompletionChunkChoice(
                                 index=event.index, delta=ChoiceDelta(content=event.text))])
-                        reason = "stop" if event.reason == "cancelled" else event.reason
+                        reason = wire_finish_reason(event.reason)
                         yield chunk([ChatCompletionChunkChoice(index=event.index,
                                                                finish_reason=reason)])
                         continue  # fmt: skip
@@ -321,6 +322,5 @@ def _answer_chunks(
                 index=choice.index, delta=ChoiceDelta(tool_calls=[head]))]))
             out.append(chunk([ChatCompletionChunkChoice(
                 index=choice.index, delta=ChoiceDelta(tool_calls=[args]))]))  # fmt: skip
-        final = "stop" if reason == "cancelled" else reason
-        out.append(chunk([ChatCompletionChunkChoice(index=choice.index, finish_reason=final)]))
+        out.append(chunk([ChatCompletionChunkChoice(index=choice.index, finish_reason=reason)]))
     return out

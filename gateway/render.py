@@ -7,12 +7,14 @@ import secrets
 from typing import Any
 
 from decoding.types import Choice, TokenEvent
+from decoding.types import FinishReason as EngineFinishReason
 from decoding.validate import OutputCheck
 from router.router import Answer
 from schemas.chat import (
     ChatCompletionChoice,
     ChatCompletionResponse,
     ChoiceLogprobs,
+    FinishReason,
     FunctionCall,
     ResponseMessage,
     TokenLogprob,
@@ -45,17 +47,23 @@ def logprobs_of(events: list[TokenEvent], token_text: Any) -> ChoiceLogprobs:
     return ChoiceLogprobs(content=content)
 
 
-def message_of(choice: Choice, check: OutputCheck) -> tuple[ResponseMessage, str]:
+def wire_finish_reason(reason: EngineFinishReason) -> FinishReason:
+    """OpenAI's finish_reason for an engine one (a cancelled choice is never rendered)."""
+    return "length" if reason == "length" else "stop"
+
+
+def message_of(choice: Choice, check: OutputCheck) -> tuple[ResponseMessage, FinishReason]:
     """The assistant message and finish_reason (``tool_calls`` when it called tools)."""
+    reason = wire_finish_reason(choice.finish_reason)
     parsed = check.parsed
     if parsed is not None and parsed.tool_calls:
         calls = [
             ToolCall(id=call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
             for c in parsed.tool_calls
         ]
-        reason = "tool_calls" if choice.finish_reason == "stop" else choice.finish_reason
-        return ResponseMessage(content=parsed.content, tool_calls=calls), reason
-    return ResponseMessage(content=choice.text), choice.finish_reason
+        message = ResponseMessage(content=parsed.content, tool_calls=calls)
+        return message, "tool_calls" if reason == "stop" else reason
+    return ResponseMessage(content=choice.text), reason
 
 
 def slmgate_facts(answer: Answer) -> dict[str, Any]:
@@ -94,7 +102,7 @@ def response_of(
                 index=choice.index,
                 message=message,
                 logprobs=logprobs_of(choice.events, token_text) if want_logprobs else None,
-                finish_reason=reason if reason != "cancelled" else "stop",
+                finish_reason=reason,
             )
         )
     usage = Usage(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from decoding.constraint import (
     Constraint,
@@ -60,7 +60,7 @@ def constraint_for(req: ChatCompletionRequest) -> Constraint:
     if isinstance(choice, NamedToolChoice):
         named = [t for t in tools if t.name == choice.function.name]
         return ToolCalls(tuple(named), mode="named", parallel=False)
-    mode = "required" if choice == "required" else "auto"
+    mode: Literal["auto", "required"] = "required" if choice == "required" else "auto"
     return ToolCalls(
         tuple(tools), mode=mode, parallel=req.parallel_tool_calls,
         final=final if mode == "auto" else None,

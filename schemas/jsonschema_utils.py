@@ -162,7 +162,9 @@ def _json_type(value: Any) -> str:
         return "integer" if value.is_integer() else "number"
     if value is None:
         return "null"
-    return {str: "string", list: "array", dict: "object"}[type(value)]
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
 
 
 def _type_allows(declared: Any, value: Any) -> bool:
