@@ -53,8 +53,9 @@ def _bench(args: argparse.Namespace) -> int:
         from benchmarks.grammar_bench import main as grammar_main
 
         return grammar_main(args.rest)
-    print(f"unknown benchmark {args.what!r}", file=sys.stderr)
-    return 2
+    from benchmarks.gateway_bench import main as gateway_main
+
+    return gateway_main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("--config", default=None)
     models.set_defaults(func=_models)
 
-    bench = sub.add_parser("bench", help="run a benchmark (grammar)")
-    bench.add_argument("what", choices=["grammar"])
+    bench = sub.add_parser("bench", help="run a benchmark: grammar or gateway")
+    bench.add_argument("what", choices=["grammar", "gateway"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
 
