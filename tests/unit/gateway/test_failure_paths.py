@@ -1,0 +1,109 @@
+"""Gateway failure paths that a real model cannot be made to hit on demand: an error after the
+stream started, a timeout, overload. A scripted backend injects the failure (failure injection
+only; every success path is tested against the real models in tests/integration)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from decoding.backend import BackendInfo, FinishEvent
+from decoding.types import GenerationRequest, GenerationResult, TokenEvent
+from gateway.app import create_app
+from gateway.config import GatewayConfig, Limits
+from router.router import Route, Router
+from schemas.errors import UpstreamError
+
+INFO = BackendInfo("slm", "slm", "scripted", 4096, True, True)
+
+
+class ScriptedBackend:
+    """Emits ``tokens`` then raises ``fail`` (if any), sleeping ``delay`` s per token."""
+
+    def __init__(self, tokens: list[str], fail: Exception | None = None, delay: float = 0.0):
+        self.info = INFO
+        self.tokens, self.fail, self.delay = tokens, fail, delay
+        self.ready = True
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokens[token_id]
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        for i, text in enumerate(self.tokens):
+            await asyncio.sleep(self.delay)
+            yield TokenEvent(0, i, text, -0.1, 0.2, 1.0, False)
+        if self.fail is not None:
+            raise self.fail
+        yield FinishEvent(0, "stop", "", 3)
+
+    async def complete(self, req: GenerationRequest) -> GenerationResult:
+        raise AssertionError("not used")
+
+
+def make_client(backend: ScriptedBackend, limits: Limits | None = None) -> httpx.AsyncClient:
+    config = GatewayConfig(routes=(Route("auto", ("slm",)),), limits=limits or Limits())
+    app = create_app(config, Router({"slm": backend}, {"auto": Route("auto", ("slm",))}))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+BODY: dict[str, Any] = {"model": "auto", "stream": True,
+                        "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+
+
+def events(text: str) -> list[str]:
+    return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+
+
+async def test_error_after_stream_started_is_an_sse_error_then_done() -> None:
+    backend = ScriptedBackend(["Hel", "lo"], fail=UpstreamError("backend crashed mid-stream"))
+    async with make_client(backend) as client:
+        r = await client.post("/v1/chat/completions", json=BODY)
+    assert r.status_code == 200  # the status was sent with the first byte
+    data = events(r.text)
+    assert data[-1] == "[DONE]"
+    error = json.loads(data[-2])
+    assert error == {"error": {"message": "backend crashed mid-stream", "type": "upstream_error",
+                               "param": None, "code": None}}  # fmt: skip
+    content = "".join(json.loads(d)["choices"][0]["delta"].get("content", "") for d in data[:-2])
+    assert content == "Hello"
+
+
+async def test_stream_timeout_is_reported_in_stream() -> None:
+    backend = ScriptedBackend(["a"] * 50, delay=0.05)
+    async with make_client(backend, Limits(request_timeout_s=0.3)) as client:
+        r = await client.post("/v1/chat/completions", json=BODY)
+    data = events(r.text)
+    assert data[-1] == "[DONE]"
+    assert json.loads(data[-2])["error"]["type"] == "timeout"
+
+
+async def test_overload_is_503_with_retry_after() -> None:
+    backend = ScriptedBackend(["a"] * 20, delay=0.05)
+    async with make_client(backend, Limits(max_queue=1)) as client:
+        first = asyncio.create_task(client.post("/v1/chat/completions", json=BODY))
+        await asyncio.sleep(0.2)
+        second = await client.post("/v1/chat/completions", json=BODY)
+        await first
+    assert second.status_code == 503
+    assert second.headers["retry-after"] == "5"
+    assert second.json()["error"]["type"] == "overloaded_error"
+
+
+async def test_unknown_route_and_unexpected_errors_are_openai_bodies() -> None:
+    async with make_client(ScriptedBackend(["a"])) as client:
+        missing = await client.get("/v1/nothing")
+        assert missing.status_code == 404
+        assert set(missing.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("body", [b"", b"[]", b"\xff\xfe"])
+async def test_non_object_bodies_are_400(body: bytes) -> None:
+    async with make_client(ScriptedBackend(["a"])) as client:
+        r = await client.post("/v1/chat/completions", content=body)
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
