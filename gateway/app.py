@@ -15,6 +15,7 @@ import secrets
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -81,9 +82,7 @@ class Gateway:
         from decoding.models import load_engine
 
         try:
-            cache = None if self.config.cache_dir is None else __import__("pathlib").Path(
-                self.config.cache_dir
-            )
+            cache = None if self.config.cache_dir is None else Path(self.config.cache_dir)
             backends = {m.name: load_engine(m, cache) for m in self.config.models}
             self.router = Router(backends, {r.name: r for r in self.config.routes})
             log.info("ready: models %s, routes %s", sorted(backends),

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -32,9 +33,7 @@ def _models(args: argparse.Namespace) -> int:
     from gateway.config import load_config
 
     config = load_config(args.config)
-    cache = default_cache_dir() if config.cache_dir is None else __import__("pathlib").Path(
-        config.cache_dir
-    )
+    cache = default_cache_dir() if config.cache_dir is None else Path(config.cache_dir)
     for m in config.models:
         source = BUILTIN_SOURCES.get(m.source)
         cached = source is not None and (cache / "models" / source.sha256 / "config.json").exists()

@@ -180,19 +180,40 @@ _BOUNDS = (
 )  # fmt: skip
 
 
+_MUST_HOLD_STEPS = frozenset({"properties", "items", "prefixItems", "allOf"})
+
+
+def _must_hold(pointer: str) -> bool:
+    """Whether the subschema at ``pointer`` is reached only through keywords whose subschemas
+    constrain an instance whenever that part of it is present (no alternatives, no negation)."""
+    parts = pointer.split("/")[1:]
+    i = 0
+    while i < len(parts):
+        step = parts[i]
+        if step not in _MUST_HOLD_STEPS:
+            return False
+        i += 1 if step == "items" else 2  # properties/<name>, prefixItems/<i>, allOf/<i>
+    return True
+
+
 def unsatisfiable_reason(schema: Any) -> str | None:
     """Why no instance can satisfy ``schema``, for the contradictions seen in real schemas.
 
-    Checks each subschema for ``enum``/``const`` values that its ``type`` excludes (e.g. an
-    ``enum`` of strings on an ``array`` type, found in real tool definitions), an empty ``enum``,
-    lower bounds above upper bounds, and ``required`` properties that ``additionalProperties:
-    false`` forbids. Returns ``None`` when none is found (the schema may still be unsatisfiable
-    in ways this does not detect; decoding then stops at the first step with no allowed token).
+    Checks the root and the subschemas an instance may have to satisfy (``properties``,
+    ``items``, ``prefixItems``, ``allOf``) for ``enum``/``const`` values that their ``type``
+    excludes (e.g. an ``enum`` of strings on an ``array`` type, found in real tool definitions),
+    an empty ``enum``, lower bounds above upper bounds, and ``required`` properties that
+    ``additionalProperties: false`` forbids. A dead branch of ``anyOf``/``oneOf``, a ``not`` or
+    an unused definition leaves the schema satisfiable and is not reported. Returns ``None``
+    when nothing is found (the schema may still be unsatisfiable in ways this does not detect;
+    decoding then stops at the first step with no allowed token).
 
     >>> unsatisfiable_reason({"type": "array", "enum": ["a", "b"]})
     "#: no value of 'enum' has type 'array'"
     """
     for pointer, sub in iter_subschemas(schema):
+        if not _must_hold(pointer):
+            continue
         declared = sub.get("type")
         if "enum" in sub and isinstance(sub["enum"], list):
             if not sub["enum"]:

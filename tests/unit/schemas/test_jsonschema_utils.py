@@ -51,6 +51,8 @@ def test_key_keeps_property_order() -> None:
         ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength"),
         ({"type": "number", "exclusiveMinimum": 1, "maximum": 1}, "exclusiveMinimum"),
         ({"items": {"enum": []}}, "#/items"),
+        ({"allOf": [{"properties": {"a": {"type": "array", "enum": [1]}}}]},
+         "#/allOf/0/properties/a"),
         ({"type": "object", "required": ["a"], "additionalProperties": False}, "'a'"),
     ],
 )
@@ -68,6 +70,10 @@ def test_unsatisfiable(schema: dict[str, Any], reason_part: str) -> None:
         {"type": "integer", "minimum": 1, "maximum": 1},
         {"type": "object", "required": ["a"], "properties": {"a": {}},
          "additionalProperties": False},
+        # a dead alternative leaves the other one
+        {"oneOf": [{"type": "string"}, {"type": "array", "enum": ["a"]}]},
+        {"not": {"enum": []}},
+        {"$defs": {"unused": {"type": "integer", "minimum": 3, "maximum": 1}}},
     ],
 )
 def test_satisfiable(schema: dict[str, Any]) -> None:
