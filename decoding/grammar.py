@@ -176,15 +176,19 @@ class GrammarCompiler:
         check_usable(schema, param)
         after = tuple(keywords_checked_after(schema))
         text = json.dumps(schema)
-        try:
-            # strict_mode: never generate properties the schema does not declare (the output
-            # still validates); small models otherwise invent keys until max_tokens.
-            grammar = self._compiler.compile_json_schema(
-                text, any_whitespace=False, strict_mode=True
-            )
-            return CompiledConstraint(grammar, "xgrammar", schema, after)
-        except Exception as exc:
-            xgr_error = _first_line(exc)
+        xgr_error = ""
+        # strict_mode first: never generate properties the schema does not declare (the output
+        # still validates; small models otherwise invent keys until max_tokens). A schema that
+        # needs undeclared properties (e.g. minProperties above the declared count) is
+        # satisfiable only without it.
+        for strict_mode in (True, False):
+            try:
+                grammar = self._compiler.compile_json_schema(
+                    text, any_whitespace=False, strict_mode=strict_mode
+                )
+                return CompiledConstraint(grammar, "xgrammar", schema, after)
+            except Exception as exc:
+                xgr_error = xgr_error or _first_line(exc)
         if _UNSATISFIABLE.search(xgr_error):
             raise UnsatisfiableSchemaError(
                 f"the JSON schema cannot be satisfied: {xgr_error}", param=param

@@ -115,6 +115,16 @@ def test_undeclared_properties_are_never_generated(compiler: GrammarCompiler) ->
     assert state.validate_tokens(extra) == 2  # `{` and `"` pass; key `b` is undeclared
 
 
+def test_schema_needing_undeclared_properties_still_compiles(compiler: GrammarCompiler) -> None:
+    """Strict mode would forbid the extra key that minProperties requires; fall back to
+    plain JSON-Schema semantics instead of calling a satisfiable schema unsatisfiable."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "minProperties": 2}
+    compiled = compiler.compile(JsonSchema(schema))
+    assert compiled is not None
+    state = compiler.new_state(compiled)
+    assert state.validate_tokens([VOCAB.index(c) for c in '{"a": 1, "b": 2}']) == 16
+
+
 def test_no_constraint_compiles_to_nothing(compiler: GrammarCompiler) -> None:
     assert compiler.compile(NoConstraint()) is None
 
