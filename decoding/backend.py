@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from decoding.types import FinishReason, GenerationRequest, TokenEvent
 
@@ -36,6 +36,9 @@ class FinishEvent:
 class Backend(Protocol):
     info: BackendInfo
 
-    def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
-        """Stream token events; each choice ends with a ``FinishEvent``."""
+    def generate(
+        self, req: GenerationRequest, prepared: Any = None
+    ) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Stream token events; each choice ends with a ``FinishEvent``. ``prepared`` is what
+        the backend's ``prepare(req)`` returned, if the caller called it first."""
         ...

@@ -148,16 +148,24 @@ class EmbeddedEngine:
         return PreparedRequest(req, prompt_ids, grammar, max_tokens or room)
 
     def generate_sync(
-        self, req: GenerationRequest, cancel: threading.Event | None = None
+        self,
+        req: GenerationRequest,
+        cancel: threading.Event | None = None,
+        prepared: PreparedRequest | None = None,
     ) -> Iterator[TokenEvent | FinishEvent]:
         """Generate on the calling thread (tests, benchmarks); see ``generate`` for servers."""
         cancel = cancel or threading.Event()
-        prepared = self.prepare(req)
+        prepared = prepared or self.prepare(req)
         for index in range(req.params.n):
             yield from self._decode_choice(prepared, index, cancel)
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
-        """Stream events from the worker thread. Closing the iterator cancels generation."""
+    async def generate(
+        self, req: GenerationRequest, prepared: PreparedRequest | None = None
+    ) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Stream events from the worker thread. Closing the iterator cancels generation.
+
+        ``prepared`` is what ``prepare(req)`` returned, when the caller already checked the
+        request before sending anything (the gateway does), so the work is not repeated."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
@@ -165,7 +173,7 @@ class EmbeddedEngine:
 
         def run() -> None:
             try:
-                for event in self.generate_sync(req, cancel):
+                for event in self.generate_sync(req, cancel, prepared):
                     loop.call_soon_threadsafe(events.put_nowait, event)
             except BaseException as exc:  # handed to the consumer, raised there
                 loop.call_soon_threadsafe(events.put_nowait, exc)
@@ -186,8 +194,10 @@ class EmbeddedEngine:
                 # Let the worker notice the flag at its next step; never block the event loop.
                 future.add_done_callback(lambda f: f.exception())
 
-    async def complete(self, req: GenerationRequest) -> GenerationResult:
-        events = [e async for e in self.generate(req)]
+    async def complete(
+        self, req: GenerationRequest, prepared: PreparedRequest | None = None
+    ) -> GenerationResult:
+        events = [e async for e in self.generate(req, prepared)]
         return self._collect(req, events)
 
     def complete_sync(self, req: GenerationRequest) -> GenerationResult:

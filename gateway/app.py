@@ -194,16 +194,17 @@ def create_app(config: GatewayConfig, router: Router | None = None) -> FastAPI:
             raise OverloadedError("too many requests in flight; retry shortly")
         gw.in_flight += 1
         try:
-            await asyncio.to_thread(router.prepare, backend, req)  # 400s before any byte
+            prepared = await asyncio.to_thread(router.prepare, backend, req)  # 400s up front
         except BaseException:
             gw.in_flight -= 1
             raise
         if wire.stream:
-            stream = _stream(gw, router, wire, req)
+            stream = _stream(gw, router, wire, req, prepared)
             return StreamingResponse(stream, media_type="text/event-stream")
         try:
             async with asyncio.timeout(config.limits.request_timeout_s):
-                answer = await _until_disconnect(request, router.complete(wire.model, req))
+                work = router.complete(wire.model, req, prepared)
+                answer = await _until_disconnect(request, work)
         except TimeoutError:
             raise RequestTimeoutError("the request timed out") from None
         finally:
@@ -241,7 +242,7 @@ def _parse_request(body: bytes) -> ChatCompletionRequest:
 
 
 async def _stream(
-    gw: Gateway, router: Router, wire: ChatCompletionRequest, req: Any
+    gw: Gateway, router: Router, wire: ChatCompletionRequest, req: Any, prepared: Any
 ) -> AsyncIterator[str]:
     """SSE for one request. Tool requests are decided before the first byte (generated whole,
     then sent as OpenAI's tool-call deltas); everything else streams token by token."""
@@ -259,14 +260,14 @@ async def _stream(
     try:
         async with asyncio.timeout(gw.config.limits.request_timeout_s):
             if isinstance(req.constraint, ToolCalls):
-                answer = await router.complete(wire.model, req)
+                answer = await router.complete(wire.model, req, prepared)
                 prompt_tokens = answer.result.prompt_tokens
                 completion_tokens = answer.result.completion_tokens
                 for text in _answer_chunks(answer, wire, backend, chunk):
                     yield text
             else:
                 started: set[int] = set()
-                async for event in router.stream(wire.model, req):
+                async for event in router.stream(wire.model, req, prepared):
                     if event.index not in started:
                         started.add(event.index)
                         delta = ChoiceDelta(role="assistant", content="")

@@ -70,22 +70,22 @@ class Router:
             raise OverloadedError("models are still loading; retry shortly")
         return route, backend
 
-    def prepare(self, backend: Any, req: GenerationRequest) -> None:
-        """Surface request errors (schema, context length) before any byte is sent."""
+    def prepare(self, backend: Any, req: GenerationRequest) -> Any:
+        """Surface request errors (schema, context length) before any byte is sent; the result
+        goes back to ``complete``/``stream`` so the backend does not repeat the work."""
         prepare = getattr(backend, "prepare", None)
-        if prepare is not None:
-            prepare(req)
+        return None if prepare is None else prepare(req)
 
-    async def complete(self, model: str, req: GenerationRequest) -> Answer:
+    async def complete(self, model: str, req: GenerationRequest, prepared: Any = None) -> Answer:
         route, backend = self.resolve(model)
-        result = await backend.complete(req)
+        result = await backend.complete(req, prepared)
         checks = [check_output(req.constraint, c.text) for c in result.choices]
         cost = attempt_cost(backend.info, result.prompt_tokens, result.completion_tokens)
         return Answer(result, checks, backend.info, route.name, cost)
 
     async def stream(
-        self, model: str, req: GenerationRequest
+        self, model: str, req: GenerationRequest, prepared: Any = None
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
         _, backend = self.resolve(model)
-        async for event in backend.generate(req):
+        async for event in backend.generate(req, prepared):
             yield event

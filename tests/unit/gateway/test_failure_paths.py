@@ -33,7 +33,9 @@ class ScriptedBackend:
     def token_text(self, token_id: int) -> str:
         return self.tokens[token_id]
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def generate(
+        self, req: GenerationRequest, prepared: Any = None
+    ) -> AsyncIterator[TokenEvent | FinishEvent]:
         for i, text in enumerate(self.tokens):
             await asyncio.sleep(self.delay)
             yield TokenEvent(0, i, text, -0.1, 0.2, 1.0, False)
@@ -41,7 +43,7 @@ class ScriptedBackend:
             raise self.fail
         yield FinishEvent(0, "stop", "", 3)
 
-    async def complete(self, req: GenerationRequest) -> GenerationResult:
+    async def complete(self, req: GenerationRequest, prepared: Any = None) -> GenerationResult:
         raise AssertionError("not used")
 
 
