@@ -13,8 +13,8 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,6 +90,15 @@ class Gateway:
         except Exception as exc:  # reported by /readyz and every request
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("model loading failed")
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Count a request in flight while the block runs (the overload check reads it)."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     def ready_router(self) -> Router:
         if self.router is None:
@@ -192,23 +201,20 @@ def create_app(config: GatewayConfig, router: Router | None = None) -> FastAPI:
         req = generation_request(wire, "chatcmpl-" + secrets.token_hex(12), task_id)
         if gw.in_flight >= config.limits.max_queue:
             raise OverloadedError("too many requests in flight; retry shortly")
-        gw.in_flight += 1
-        try:
+        with gw.slot():
             prepared = await asyncio.to_thread(router.prepare, backend, req)  # 400s up front
-        except BaseException:
-            gw.in_flight -= 1
-            raise
         if wire.stream:
+            # The stream takes its own slot when it starts: a generator that never starts
+            # (client gone before the first byte) must not hold one.
             stream = _stream(gw, router, wire, req, prepared)
             return StreamingResponse(stream, media_type="text/event-stream")
         try:
-            async with asyncio.timeout(config.limits.request_timeout_s):
-                work = router.complete(wire.model, req, prepared)
-                answer = await _until_disconnect(request, work)
+            with gw.slot():
+                async with asyncio.timeout(config.limits.request_timeout_s):
+                    work = router.complete(wire.model, req, prepared)
+                    answer = await _until_disconnect(request, work)
         except TimeoutError:
             raise RequestTimeoutError("the request timed out") from None
-        finally:
-            gw.in_flight -= 1
         response = response_of(answer, wire.model, wire.logprobs, backend.token_text)
         return JSONResponse(response.to_wire(), headers=headers_of(answer))
 
@@ -257,6 +263,7 @@ async def _stream(
         return sse(payload)
 
     prompt_tokens = completion_tokens = 0
+    gw.in_flight += 1
     try:
         async with asyncio.timeout(gw.config.limits.request_timeout_s):
             if isinstance(req.constraint, ToolCalls):
