@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
-_FENCED = re.compile(r"^\s*```(?:json)?\s*\n(.*?)\n?```\s*$", re.DOTALL)
+_FENCED = re.compile(r"```(?:json)?[ \t]*\n(.*?)\n?```", re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,20 @@ def _bare_calls(text: str, names: set[str]) -> list[ParsedToolCall] | None:
     return [c for c in calls if c is not None]
 
 
+def _fenced_calls(text: str, names: set[str]) -> list[ParsedToolCall] | None:
+    """Calls when the whole text is markdown JSON fences holding bare calls, else None."""
+    fences = list(_FENCED.finditer(text))
+    if not fences or _FENCED.sub("", text).strip():
+        return None
+    calls: list[ParsedToolCall] = []
+    for fence in fences:
+        inner = _bare_calls(fence.group(1), names)
+        if inner is None:
+            return None
+        calls.extend(inner)
+    return calls
+
+
 def parse_tool_calls(text: str, tool_names: list[str] | set[str]) -> ParsedOutput:
     """Split ``text`` into content and calls to the offered tools.
 
@@ -77,8 +91,9 @@ def parse_tool_calls(text: str, tool_names: list[str] | set[str]) -> ParsedOutpu
     (ParsedToolCall(name='f', arguments='{"x": 1}'),)
     """
     names = set(tool_names)
-    fenced = _FENCED.match(text)
-    bare = _bare_calls(fenced.group(1) if fenced else text, names)
+    bare = _bare_calls(text, names)
+    if bare is None:
+        bare = _fenced_calls(text, names)
     if bare is not None:
         return ParsedOutput(None, tuple(bare))
     calls: list[ParsedToolCall] = []
