@@ -71,9 +71,13 @@ def _bare_calls(text: str, names: set[str]) -> list[ParsedToolCall] | None:
 
 
 def _fenced_calls(text: str, names: set[str]) -> list[ParsedToolCall] | None:
-    """Calls when the whole text is markdown JSON fences holding bare calls, else None."""
+    """Calls when the whole text is markdown JSON fences holding bare calls, else None.
+
+    An unterminated last fence (output cut at max_tokens) is dropped, as an unterminated
+    ``<tool_call>`` is."""
     fences = list(_FENCED.finditer(text))
-    if not fences or _FENCED.sub("", text).strip():
+    rest = _FENCED.sub("", text).strip()
+    if not fences or (rest and not (rest.startswith("```") and rest.count("```") == 1)):
         return None
     calls: list[ParsedToolCall] = []
     for fence in fences:

@@ -28,6 +28,8 @@ PARSE_CASES = [
     (f"```json\n{CALL}\n```", None, [("f", '{"x": 1}')], "fenced bare call"),
     (f"```json\n{CALL}\n```\n```json\n{CALL}\n```", None, [("f", '{"x": 1}')] * 2,
      "parallel fenced calls, as the tool grammar separates them"),
+    (f"```json\n{CALL}\n```\n```json\n{{\"name\": \"f\", \"argu", None,
+     [("f", '{"x": 1}')], "a fence cut by max_tokens is dropped"),
     (f"Here:\n```json\n{CALL}\n```", f"Here:\n```json\n{CALL}\n```", [],
      "a fence after text is content: the grammar only constrains a leading fence"),
     ('{"name": "f", "parameters": {"x": 1}}', None, [("f", '{"x": 1}')], "parameters alias"),
