@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -52,6 +53,7 @@ from schemas.chat import (
 )
 from schemas.errors import (
     AuthenticationError,
+    GenerationCancelled,
     InvalidRequestError,
     OverloadedError,
     PayloadTooLargeError,
@@ -130,7 +132,9 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
         done, _ = await asyncio.wait({task}, timeout=0.5)
         if not done and await request.is_disconnected():
             task.cancel()
-            break
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise GenerationCancelled("the client disconnected")
     return await task
 
 
@@ -225,12 +229,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
-    body = b""
+    body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
             raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
-    return body
+    return bytes(body)
 
 
 def _parse_request(body: bytes) -> ChatCompletionRequest:
