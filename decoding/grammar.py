@@ -29,7 +29,6 @@ from schemas.errors import (
 )
 from schemas.jsonschema_utils import (
     check_schema,
-    keywords_checked_after,
     schema_key,
     unsatisfiable_reason,
 )
@@ -61,7 +60,6 @@ class CompiledConstraint:
     grammar: xgr.CompiledGrammar
     engine: str  # "xgrammar" or "outlines-regex"
     schema: Any  # the JSON schema to validate output against (None for regex / tool calls)
-    checked_after: tuple[str, ...]  # keywords only enforced by validation after generation
 
 
 class GrammarState:
@@ -158,7 +156,7 @@ class GrammarCompiler:
             grammar = self._compiler.compile_json_schema(
                 '{"type": "object"}', any_whitespace=False, strict_mode=False
             )
-            return CompiledConstraint(grammar, "xgrammar", {"type": "object"}, ())
+            return CompiledConstraint(grammar, "xgrammar", {"type": "object"})
         if isinstance(constraint, JsonSchema):
             return self._compile_schema(constraint, param)
         if isinstance(constraint, ToolCalls):
@@ -168,13 +166,12 @@ class GrammarCompiler:
                 grammar = self._compiler.compile_regex(constraint.pattern)
             except Exception as exc:
                 raise InvalidRequestError(f"invalid regex: {exc}", param=param) from None
-            return CompiledConstraint(grammar, "xgrammar", None, ())
+            return CompiledConstraint(grammar, "xgrammar", None)
         raise TypeError(f"unknown constraint {constraint!r}")
 
     def _compile_schema(self, constraint: JsonSchema, param: str) -> CompiledConstraint:
         schema = constraint.schema
         check_usable(schema, param)
-        after = tuple(keywords_checked_after(schema))
         text = json.dumps(schema)
         xgr_error = ""
         # strict_mode first: never generate properties the schema does not declare (the output
@@ -186,7 +183,7 @@ class GrammarCompiler:
                 grammar = self._compiler.compile_json_schema(
                     text, any_whitespace=False, strict_mode=strict_mode
                 )
-                return CompiledConstraint(grammar, "xgrammar", schema, after)
+                return CompiledConstraint(grammar, "xgrammar", schema)
             except Exception as exc:
                 xgr_error = xgr_error or _first_line(exc)
         if _UNSATISFIABLE.search(xgr_error):
@@ -205,7 +202,7 @@ class GrammarCompiler:
                 param=param,
             ) from None
         log.info("schema compiled through outlines-core's regex after xgrammar: %s", xgr_error)
-        return CompiledConstraint(grammar, "outlines-regex", schema, after)
+        return CompiledConstraint(grammar, "outlines-regex", schema)
 
     def _compile_tools(self, constraint: ToolCalls) -> CompiledConstraint:
         for i, tool in enumerate(constraint.tools):
@@ -221,7 +218,7 @@ class GrammarCompiler:
                 UnsupportedSchemaError
             )
             raise cls(f"cannot build the tool-call grammar: {message}", param="tools") from None
-        return CompiledConstraint(grammar, "xgrammar", None, ())
+        return CompiledConstraint(grammar, "xgrammar", None)
 
 
 def check_usable(schema: Any, param: str) -> None:

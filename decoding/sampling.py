@@ -26,10 +26,12 @@ class Pick:
 
 
 def mask_logits(logits: torch.Tensor, bitmask: torch.Tensor | None) -> torch.Tensor:
-    """Copy of ``logits`` ([vocab], float32) with grammar-forbidden tokens at -inf."""
+    """``logits`` ([vocab], float32) with grammar-forbidden tokens at -inf; a copy when masked,
+    the same tensor when there is no grammar (callers never modify it in place)."""
+    if bitmask is None:
+        return logits
     masked = logits.clone()
-    if bitmask is not None:
-        xgr.apply_token_bitmask_inplace(masked.unsqueeze(0), bitmask)
+    xgr.apply_token_bitmask_inplace(masked.unsqueeze(0), bitmask)
     return masked
 
 

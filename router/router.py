@@ -7,7 +7,7 @@ Routes map a public model name to tiers. This first version runs a route's first
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from decoding.backend import BackendInfo, FinishEvent
@@ -36,7 +36,6 @@ class Answer:
     backend: BackendInfo
     route: str
     cost_usd: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def attempt_cost(info: BackendInfo, prompt_tokens: int, completion_tokens: int) -> float:
