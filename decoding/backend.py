@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from decoding.types import FinishReason, GenerationRequest, TokenEvent
+from decoding.types import FinishReason, GenerationRequest, SpecStats, TokenEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,7 @@ class FinishEvent:
     reason: FinishReason
     text: str = ""
     prompt_tokens: int = 0
+    spec: SpecStats | None = None  # set when the choice was decoded with speculation
 
 
 class Backend(Protocol):

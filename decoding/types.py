@@ -9,6 +9,7 @@ from decoding.constraint import Constraint, NoConstraint
 from schemas.errors import InvalidRequestError
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+Speculation = Literal["none", "suffix", "stand", "both"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,28 @@ class GenerationRequest:
     tools: tuple[dict[str, Any], ...] = ()  # OpenAI tool objects, rendered into the prompt
     request_id: str = ""
     task_id: str | None = None
+    speculation: Speculation | None = None  # None: the backend's default for this request
+
+
+@dataclass(frozen=True, slots=True)
+class SpecStats:
+    """What speculation did for one choice: reported in the ``slmgate`` object and the ledger.
+
+    ``histogram[i]`` counts verification steps that emitted ``i + 1`` tokens (accepted draft
+    tokens plus the one token the target model adds per step)."""
+
+    drafter: str
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+    histogram: tuple[int, ...] = ()
+    draft_us: float = 0.0  # total time the drafters spent proposing, in microseconds
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verification step (1.0 = no gain)."""
+        emitted = sum((i + 1) * n for i, n in enumerate(self.histogram))
+        return emitted / self.steps if self.steps else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +118,7 @@ class Choice:
     token_ids: list[int]
     events: list[TokenEvent]
     finish_reason: FinishReason
+    spec: SpecStats | None = None
 
 
 @dataclass(slots=True)

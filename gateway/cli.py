@@ -47,14 +47,20 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {
+    "grammar": "benchmarks.grammar_bench",
+    "gateway": "benchmarks.gateway_bench",
+    "spec": "benchmarks.spec_bench",
+    "ledger": "benchmarks.ledger_bench",
+}
+
+
 def _bench(args: argparse.Namespace) -> int:
-    if args.what == "grammar":
-        from benchmarks.grammar_bench import main as grammar_main
+    import importlib
 
-        return grammar_main(args.rest)
-    from benchmarks.gateway_bench import main as gateway_main
-
-    return gateway_main(args.rest)
+    module = importlib.import_module(BENCHMARKS[args.what])
+    result: int = module.main(args.rest)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("--config", default=None)
     models.set_defaults(func=_models)
 
-    bench = sub.add_parser("bench", help="run a benchmark: grammar or gateway")
-    bench.add_argument("what", choices=["grammar", "gateway"])
+    bench = sub.add_parser("bench", help=f"run a benchmark: {', '.join(BENCHMARKS)}")
+    bench.add_argument("what", choices=list(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
 

@@ -1,7 +1,9 @@
 """One typed configuration: a YAML/TOML file plus ``SLMGATE_*`` environment overrides.
 
 With no file at all, slmgate serves the embedded defaults: model ``slm`` (SmolLM2-135M),
-model ``llm`` (Qwen2.5-Coder-0.5B) and route ``auto`` (SLM first).
+model ``llm`` (Qwen2.5-Coder-0.5B), route ``auto`` (cascade SLM → LLM) and route ``pre``
+(pre-router). The ledger is a SQLite file in the cache directory unless ``ledger_url`` (or
+``SLMGATE_LEDGER_URL``) names another database, e.g. ``postgresql+psycopg://host/db``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,17 @@ from typing import Any
 import yaml
 
 from decoding.models import DEFAULT_MODELS, ModelSpec
+from router.confidence import EarlyFallback
+from router.pre import PreRouter
 from router.router import Route
+
+# Calibrated on BFCL (see BENCHMARKS.md, "Routing"): escalate SLM answers whose geometric-mean
+# token probability is under this value.
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_ROUTES = (
+    Route("auto", ("slm", "llm"), policy="cascade", threshold=DEFAULT_THRESHOLD),
+    Route("pre", ("slm", "llm"), policy="pre"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,12 +45,25 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     models: tuple[ModelSpec, ...] = DEFAULT_MODELS
-    routes: tuple[Route, ...] = (Route("auto", ("slm", "llm")),)
+    routes: tuple[Route, ...] = DEFAULT_ROUTES
     api_keys: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     host: str = "127.0.0.1"
     port: int = 8000
     cache_dir: str | None = None
+    ledger_url: str | None = None  # None: sqlite file in the cache dir; "off": no ledger
+
+    def resolved_ledger_url(self) -> str | None:
+        """The ledger database URL, or None when the ledger is switched off."""
+        if self.ledger_url == "off":
+            return None
+        if self.ledger_url:
+            return self.ledger_url
+        from decoding.loader import default_cache_dir
+
+        cache = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{cache / 'ledger.sqlite3'}"
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]
@@ -58,18 +83,43 @@ def _read_file(path: Path) -> Mapping[str, Any]:
     return data
 
 
+def route_from_mapping(data: Mapping[str, Any]) -> Route:
+    """One route entry. ``pre`` is a file written by ``slmgate calibrate --pre`` or a mapping
+    with ``weights``/``threshold``; ``early_fallback`` takes ``EarlyFallback``'s fields."""
+    known = {
+        "name", "tiers", "policy", "signal", "threshold", "early_fallback", "pre",
+        "speculation", "stream_commit_tokens",
+    }  # fmt: skip
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"route {data.get('name')!r}: unknown keys {sorted(unknown)}")
+    kwargs: dict[str, Any] = {k: data[k] for k in known & set(data) - {"early_fallback", "pre"}}
+    kwargs["tiers"] = tuple(data["tiers"])
+    if "early_fallback" in data:
+        kwargs["early_fallback"] = EarlyFallback(**data["early_fallback"])
+    pre = data.get("pre")
+    if isinstance(pre, str):
+        kwargs["pre"] = PreRouter.load(pre)
+    elif isinstance(pre, Mapping):
+        base = PreRouter()
+        kwargs["pre"] = PreRouter(
+            {**base.weights, **pre.get("weights", {})}, float(pre.get("threshold", 0.5))
+        )
+    return Route(**kwargs)
+
+
 def from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
-    known = {"models", "routes", "api_keys", "limits", "host", "port", "cache_dir"}
+    known = {"models", "routes", "api_keys", "limits", "host", "port", "cache_dir", "ledger_url"}
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    kwargs: dict[str, Any] = {k: data[k] for k in ("host", "port", "cache_dir") if k in data}
+    kwargs: dict[str, Any] = {
+        k: data[k] for k in ("host", "port", "cache_dir", "ledger_url") if k in data
+    }
     if "models" in data:
         kwargs["models"] = tuple(ModelSpec(**m) for m in data["models"])
     if "routes" in data:
-        kwargs["routes"] = tuple(
-            Route(r["name"], tuple(r["tiers"]), r.get("policy", "single")) for r in data["routes"]
-        )
+        kwargs["routes"] = tuple(route_from_mapping(r) for r in data["routes"])
     if "limits" in data:
         kwargs["limits"] = Limits(**data["limits"])
     if "api_keys" in data:
@@ -82,7 +132,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 ):
     """Read ``path`` (or ``$SLMGATE_CONFIG``), then apply environment overrides:
     ``SLMGATE_API_KEYS`` (comma-separated), ``SLMGATE_MAX_BODY_BYTES``,
-    ``SLMGATE_MAX_QUEUE``, ``SLMGATE_REQUEST_TIMEOUT_S``, ``SLMGATE_CACHE``."""
+    ``SLMGATE_MAX_QUEUE``, ``SLMGATE_REQUEST_TIMEOUT_S``, ``SLMGATE_CACHE``,
+    ``SLMGATE_LEDGER_URL``."""
     env = os.environ if env is None else env
     path = path or env.get("SLMGATE_CONFIG")
     config = from_mapping(_read_file(Path(path))) if path else GatewayConfig()
@@ -98,4 +149,6 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         limits = replace(limits, request_timeout_s=float(env["SLMGATE_REQUEST_TIMEOUT_S"]))
     if env.get("SLMGATE_CACHE"):
         config = replace(config, cache_dir=env["SLMGATE_CACHE"])
+    if env.get("SLMGATE_LEDGER_URL"):
+        config = replace(config, ledger_url=env["SLMGATE_LEDGER_URL"])
     return replace(config, limits=limits)

@@ -29,10 +29,12 @@ def call_id() -> str:
 
 
 def logprobs_of(events: list[TokenEvent], token_text: Any) -> ChoiceLogprobs:
-    """OpenAI ``logprobs.content`` for ``events``; ``token_text(id)`` gives a token's text."""
+    """OpenAI ``logprobs.content`` for ``events``; ``token_text(id)`` gives a token's text
+    (None: the backend has no vocabulary of its own, e.g. a remote one; use the event text)."""
     content = []
     for event in events:
-        text = token_text(event.token_id)
+        own = token_text is not None and event.token_id >= 0
+        text = token_text(event.token_id) if own else event.text
         content.append(
             TokenLogprob(
                 token=text,
@@ -67,28 +69,65 @@ def message_of(choice: Choice, check: OutputCheck) -> tuple[ResponseMessage, Fin
 
 
 def slmgate_facts(answer: Answer) -> dict[str, Any]:
-    """The ``slmgate`` object: which tier answered and whether the output passed its checks."""
+    """The ``slmgate`` object: which tier answered, why, what it cost, and how sure it was."""
+    specs = [c.spec for c in answer.result.choices if c.spec is not None]
     return {
         "route": answer.route,
         "tier": answer.backend.tier,
         "model": answer.backend.name,
-        "valid": all(c.valid for c in answer.checks),
+        "valid": answer.valid,
+        "executable": answer.executable,
         "validation_errors": [e for c in answer.checks for e in c.errors][:5],
         "cost_usd": round(answer.cost_usd, 10),
+        "counterfactual_cost_usd": round(answer.counterfactual_cost_usd, 10),
+        "confidence": answer.confidence,
+        "signals": answer.signals,
+        "fallback_reason": answer.fallback_reason,
         "forced_tokens": sum(e.forced for c in answer.result.choices for e in c.events),
-        "fallback_reason": None,
-    }
+        "attempts": [
+            {
+                "tier": a.tier,
+                "model": a.backend,
+                "outcome": a.outcome,
+                "confidence": a.confidence,
+                "fallback_reason": a.fallback_reason,
+                "cost_usd": round(a.cost_usd, 10),
+                "latency_s": round(a.latency_s, 4),
+                "error": a.error,
+            }
+            for a in answer.attempts
+        ],
+        "speculation": None if not specs else {
+            "drafter": specs[0].drafter,
+            "drafted": sum(s.drafted for s in specs),
+            "accepted": sum(s.accepted for s in specs),
+            "steps": sum(s.steps for s in specs),
+            "histogram": _sum_histograms([s.histogram for s in specs]),
+        },
+    }  # fmt: skip
+
+
+def _sum_histograms(histograms: list[tuple[int, ...]]) -> list[int]:
+    out = [0] * max((len(h) for h in histograms), default=0)
+    for h in histograms:
+        for i, n in enumerate(h):
+            out[i] += n
+    return out
 
 
 def headers_of(answer: Answer) -> dict[str, str]:
-    facts = slmgate_facts(answer)
-    return {
+    headers = {
         "x-slmgate-route": answer.route,
         "x-slmgate-tier": answer.backend.tier,
         "x-slmgate-model": answer.backend.name,
-        "x-slmgate-valid": str(facts["valid"]).lower(),
+        "x-slmgate-valid": str(answer.valid).lower(),
         "x-slmgate-cost-usd": f"{answer.cost_usd:.10f}",
     }
+    if answer.fallback_reason:
+        headers["x-slmgate-fallback-reason"] = answer.fallback_reason
+    if answer.confidence is not None:
+        headers["x-slmgate-confidence"] = f"{answer.confidence:.4f}"
+    return headers
 
 
 def response_of(

@@ -1,0 +1,90 @@
+"""What the router writes to the ledger: one row per attempt, one per request, one per task.
+
+Plain dataclasses so the router, the ledger (SQLAlchemy) and tests share one vocabulary without
+any of them importing the database layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+AttemptOutcome = Literal["accepted", "escalated", "aborted", "error"]
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    """One backend call made for a request (a cascade makes one per tier it tries).
+
+    ``outcome``: ``accepted`` (this attempt answered the request), ``escalated`` (finished but
+    judged unsure or invalid, so the next tier ran), ``aborted`` (stopped mid-generation by
+    early fallback), ``error`` (the backend failed; ``error`` says how).
+    """
+
+    request_id: str
+    attempt_no: int  # 0, 1, … in the order tried
+    route: str
+    tier: str
+    backend: str
+    model: str
+    started_at: float  # unix seconds
+    latency_s: float
+    ttft_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    confidence: float | None = None  # the route's combined score in [0, 1]
+    signals: dict[str, float] = field(default_factory=dict)  # mean_entropy, min_top1_prob, …
+    schema_valid: bool | None = None  # None: nothing to validate (free text)
+    executable: bool | None = None  # None: no tool call expected or made
+    outcome: AttemptOutcome = "accepted"
+    fallback_reason: str | None = None  # why the next tier ran (low_confidence, invalid, …)
+    error: str | None = None
+    spec_drafted: int | None = None
+    spec_accepted: int | None = None
+    spec_steps: int | None = None
+    energy_j: float | None = None
+    energy_measured: bool = False
+    task_id: str | None = None
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One chat completion request as the caller saw it (its final answer)."""
+
+    request_id: str
+    route: str
+    created_at: float  # unix seconds
+    latency_s: float
+    task_id: str | None = None
+    status: int = 200  # HTTP status returned (or sent in-stream as an error)
+    error_type: str | None = None
+    tier: str | None = None  # tier of the accepted attempt
+    backend: str | None = None
+    ttft_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0  # all attempts, escalated ones included
+    counterfactual_cost_usd: float = 0.0  # same tokens priced at the route's top tier
+    schema_valid: bool | None = None
+    executable: bool | None = None
+    fallback: bool = False
+    fallback_reason: str | None = None
+    stream: bool = False
+    expects_json: bool = False  # response_format json_object / json_schema
+    expects_tools: bool = False
+    attempts: list[AttemptRecord] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> bool:
+        """Inferred success: answered, and valid + executable where that applies."""
+        return (
+            self.status == 200
+            and self.schema_valid is not False
+            and self.executable is not False
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
