@@ -1,0 +1,819 @@
+"""The ledger against SQLite (a temp file) and the local PostgreSQL (a fresh schema per test).
+
+Covers round trips, task outcomes (reported before or after the requests, inferred), every stats
+field on a hand-built dataset with known answers, listings, calibration rows, and failure paths:
+the database down at start, down mid-run (a TCP proxy in front of PostgreSQL is cut), a table
+dropped under the writer, a full queue, duplicate ids. None of them may raise on ``record``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+
+from router.ledger import Ledger, LedgerUnavailable, batch_rows, records_from_task
+from router.records import AttemptRecord, RequestRecord
+
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+STATS_KEYS = {
+    "object", "window", "route", "requests", "errors", "tasks", "tasks_with_outcome",
+    "successful_tasks", "success_rate", "cost_usd", "cps_usd", "counterfactual_cost_usd",
+    "savings_usd", "schema_validity_rate", "executable_call_rate", "fallback_rate",
+    "fallback_reasons", "latency_s", "ttft_s", "by_tier", "speculation", "energy", "series",
+}  # fmt: skip
+SERIES_KEYS = {"start", "end", "requests", "tasks", "successful_tasks", "cost_usd", "cps_usd",
+               "success_rate"}  # fmt: skip
+
+
+def _pg_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def pg_schema(base_url: str = PG_URL) -> Iterator[str]:
+    """A URL whose connections see only a fresh schema, dropped afterwards."""
+    schema = f"ledger_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base_url)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = sa.make_url(base_url).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    if not _pg_reachable():
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    with pg_schema() as url:
+        yield url
+
+
+@pytest.fixture
+def ledger(db_url: str) -> Iterator[Ledger]:
+    led = Ledger(db_url)
+    led.start()
+    yield led
+    led.close()
+
+
+# ---- builders ---------------------------------------------------------------------------------
+
+
+def att(request_id: str, no: int, tier: str, outcome: str = "accepted", **kw: Any) -> AttemptRecord:
+    kw.setdefault("route", "auto")
+    kw.setdefault("started_at", 0.0)
+    return AttemptRecord(request_id=request_id, attempt_no=no, tier=tier,
+                         backend=f"be-{tier}", model=f"model-{tier}", latency_s=0.1,
+                         outcome=outcome, **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+def req(
+    request_id: str, created_at: float, attempts: list[AttemptRecord], **kw: Any
+) -> RequestRecord:
+    kw.setdefault("route", "auto")
+    kw.setdefault("latency_s", 1.0)
+    for a in attempts:
+        a.route = kw["route"]
+        a.started_at = a.started_at or created_at + 0.01 * a.attempt_no
+    return RequestRecord(request_id=request_id, created_at=created_at, attempts=attempts,
+                         cost_usd=sum(a.cost_usd for a in attempts), **kw)  # fmt: skip
+
+
+def dataset() -> list[RequestRecord]:
+    """The literal dataset of the stats tests; expected values are worked out in the tests."""
+    return [
+        req("a1", 910.0, [att("a1", 0, "slm", prompt_tokens=100, completion_tokens=10,
+                              cost_usd=0.001, spec_drafted=10, spec_accepted=6, spec_steps=4,
+                              energy_j=2.0, energy_measured=True,
+                              signals={"mean_entropy": 0.2}, confidence=0.9)],
+            task_id="A", latency_s=1.0, ttft_s=0.1, schema_valid=True, tier="slm",
+            counterfactual_cost_usd=0.01),
+        req("a2", 920.0, [att("a2", 0, "slm", "escalated", prompt_tokens=100,
+                              completion_tokens=20, cost_usd=0.001, fallback_reason="invalid",
+                              energy_j=1.0, energy_measured=True, confidence=0.3),
+                          att("a2", 1, "llm", prompt_tokens=100, completion_tokens=20,
+                              cost_usd=0.02, confidence=0.8)],
+            task_id="A", latency_s=3.0, ttft_s=0.3, schema_valid=True, fallback=True,
+            fallback_reason="invalid", tier="llm", counterfactual_cost_usd=0.02),
+        req("b1", 930.0, [att("b1", 0, "slm", prompt_tokens=50, completion_tokens=5,
+                              cost_usd=0.0005, energy_j=1.5, energy_measured=False,
+                              signals={"mean_entropy": 0.4}, confidence=0.7)],
+            task_id="B", route="tools", latency_s=2.0, executable=True, tier="slm",
+            counterfactual_cost_usd=0.005),
+        req("b2", 940.0, [att("b2", 0, "slm", "error", error="upstream 500")],
+            task_id="B", latency_s=5.0, ttft_s=0.5, status=500, error_type="server_error"),
+        req("c1", 950.0, [att("c1", 0, "slm", "escalated", prompt_tokens=80, completion_tokens=8,
+                              cost_usd=0.0008, fallback_reason="low_confidence", confidence=0.1),
+                          att("c1", 1, "llm", prompt_tokens=80, completion_tokens=8,
+                              cost_usd=0.016, spec_drafted=20, spec_accepted=15, spec_steps=5,
+                              signals={"mean_entropy": 0.1}, confidence=0.95)],
+            latency_s=4.0, ttft_s=0.2, schema_valid=True, executable=False, fallback=True,
+            fallback_reason="low_confidence", tier="llm", counterfactual_cost_usd=0.016),
+        req("d1", 850.0, [att("d1", 0, "slm", prompt_tokens=10, completion_tokens=1,
+                              cost_usd=0.003)],
+            task_id="D", latency_s=10.0, tier="slm", counterfactual_cost_usd=0.006),
+        req("d2", 960.0, [att("d2", 0, "slm", prompt_tokens=30, completion_tokens=3,
+                              cost_usd=0.002)],
+            task_id="D", latency_s=0.5, ttft_s=0.05, schema_valid=False, tier="slm",
+            counterfactual_cost_usd=0.004),
+    ]  # fmt: skip
+
+
+def load(ledger: Ledger, records: list[RequestRecord]) -> None:
+    for r in records:
+        ledger.record(r)
+    assert ledger.flush(30)
+    assert ledger.health()["written"] >= len(records)
+
+
+def load_dataset(ledger: Ledger) -> None:
+    ledger.set_outcome("A", False)  # overrides an inferred success
+    load(ledger, dataset())
+    ledger.set_outcome("c1", True, score=0.9)  # overrides an inferred failure (executable False)
+    ledger.set_outcome("E", True)  # a task with no requests: counted nowhere
+
+
+def assert_close(actual: Any, expected: Any, path: str = "") -> None:
+    """Deep equality with float tolerance (sums of costs)."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict), path
+        assert set(actual) == set(expected), f"{path}: {sorted(actual)} != {sorted(expected)}"
+        for key in expected:
+            assert_close(actual[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list), path
+        assert len(actual) == len(expected), path
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_close(a, e, f"{path}[{i}]")
+    elif isinstance(expected, float) and not isinstance(expected, bool):
+        assert isinstance(actual, float), f"{path}: {actual!r} is not a float"
+        assert math.isclose(actual, expected, rel_tol=1e-9, abs_tol=1e-12), (
+            f"{path}: {actual} != {expected}"
+        )
+    else:
+        assert type(actual) is type(expected), f"{path}: {actual!r} vs {expected!r}"
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+# ---- round trip and tasks ---------------------------------------------------------------------
+
+
+def test_rows_round_trip(ledger: Ledger) -> None:
+    records = dataset()
+    load(ledger, records)
+    for task_id, ids in {
+        "A": ["a1", "a2"],
+        "B": ["b1", "b2"],
+        "c1": ["c1"],
+        "D": ["d1", "d2"],
+    }.items():
+        task = ledger.task(task_id)
+        assert task is not None
+        assert [r["request_id"] for r in task["requests"]] == sorted(
+            ids, key=lambda i: next(r.created_at for r in records if r.request_id == i)
+        )
+        for got in records_from_task(task):
+            original = next(r for r in records if r.request_id == got.request_id)
+            expected = dataclasses.replace(original, task_id=task_id, attempts=[
+                dataclasses.replace(a, task_id=task_id) for a in original.attempts
+            ])  # fmt: skip
+            assert got == expected
+        for r in task["requests"]:
+            assert all(a["request_id"] == r["request_id"] for a in r["attempts"])
+            assert [a["attempt_no"] for a in r["attempts"]] == list(range(len(r["attempts"])))
+            assert (
+                r["succeeded"]
+                is next(x for x in records if x.request_id == r["request_id"]).succeeded
+            )
+    c1 = ledger.task("c1")
+    assert c1 is not None
+    assert c1["requests"][0]["attempts"][1]["signals"] == {"mean_entropy": 0.1}
+    assert ledger.task("nope") is None
+
+
+def test_request_without_task_id_is_its_own_task(ledger: Ledger) -> None:
+    load(ledger, [req("solo", 1.0, [att("solo", 0, "slm", cost_usd=0.5)])])
+    task = ledger.task("solo")
+    assert task is not None
+    assert task["created_at"] == 1.0
+    assert task["success"] is True
+    assert task["outcome_source"] == "inferred"
+    assert task["requests"][0]["task_id"] == "solo"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "success"),
+    [
+        ({}, True),
+        ({"status": 500}, False),
+        ({"status": 429}, False),
+        ({"schema_valid": False}, False),
+        ({"executable": False}, False),
+        ({"schema_valid": True, "executable": True}, True),
+    ],
+)
+def test_inferred_success_needs_every_request_to_succeed(
+    ledger: Ledger, kwargs: dict[str, Any], success: bool
+) -> None:
+    load(ledger, [req("ok", 1.0, [att("ok", 0, "slm")], task_id="T"),
+                  req("x", 2.0, [att("x", 0, "slm")], task_id="T", **kwargs)])  # fmt: skip
+    task = ledger.task("T")
+    assert task is not None
+    assert (task["success"], task["outcome_source"]) == (success, "inferred")
+    listed = ledger.tasks()
+    assert [(t["task_id"], t["success"], t["outcome_source"]) for t in listed] == [
+        ("T", success, "inferred")
+    ]
+
+
+def test_outcome_before_requests(ledger: Ledger) -> None:
+    ledger.set_outcome("T", False, score=0.25)
+    placeholder = ledger.task("T")
+    assert placeholder is not None
+    assert placeholder["created_at"] is None
+    assert placeholder["requests"] == []
+    assert ledger.tasks() == []  # no request yet: not listed, not counted
+    assert ledger.stats(None, None, now=100.0)["tasks"] == 0
+    load(ledger, [req("r1", 5.0, [att("r1", 0, "slm", cost_usd=0.1)], task_id="T")])
+    task = ledger.task("T")
+    assert task is not None
+    assert (task["success"], task["outcome_source"], task["score"]) == (False, "reported", 0.25)
+    assert task["created_at"] == 5.0
+    listed = ledger.tasks()
+    assert listed[0]["success"] is False
+    assert listed[0]["outcome_source"] == "reported"
+    stats = ledger.stats(None, None, now=100.0)
+    assert (stats["tasks"], stats["tasks_with_outcome"], stats["successful_tasks"]) == (1, 1, 0)
+
+
+def test_outcome_after_requests_overrides_inference_and_sticks(ledger: Ledger) -> None:
+    load(ledger, [req("r1", 5.0, [att("r1", 0, "slm")], task_id="T", status=500)])
+    assert ledger.tasks()[0]["success"] is False
+    ledger.set_outcome("T", True)
+    assert ledger.tasks()[0]["success"] is True
+    # a later failing request does not overturn a reported outcome …
+    load(ledger, [req("r2", 6.0, [att("r2", 0, "slm")], task_id="T", status=500)])
+    task = ledger.task("T")
+    assert task is not None
+    assert (task["success"], task["outcome_source"]) == (True, "reported")
+    # … but a new report does
+    ledger.set_outcome("T", False)
+    assert ledger.tasks()[0]["success"] is False
+
+
+def test_task_totals_accumulate_across_batches(ledger: Ledger) -> None:
+    load(ledger, [req("late", 20.0, [att("late", 0, "slm", cost_usd=0.2)], task_id="T",
+                      route="second")])  # fmt: skip
+    load(ledger, [req("early", 10.0, [att("early", 0, "slm", cost_usd=0.1),
+                                      att("early", 1, "llm", cost_usd=0.4)],
+                      task_id="T", route="first", fallback=True),
+                  req("mid", 15.0, [att("mid", 0, "slm", cost_usd=0.05)], task_id="T",
+                      route="first")])  # fmt: skip
+    (listed,) = ledger.tasks()
+    assert_close(listed, {
+        "task_id": "T", "created_at": 10.0, "requests": 3, "cost_usd": 0.75, "success": True,
+        "outcome_source": "inferred", "tiers": ["slm", "llm"], "fallbacks": 1, "route": "first",
+    })  # fmt: skip
+
+
+def test_tasks_listing_newest_first_with_filters(ledger: Ledger) -> None:
+    load_dataset(ledger)
+    listed = ledger.tasks(now=1000.0)
+    assert [t["task_id"] for t in listed] == ["c1", "B", "A", "D"]
+    assert_close(listed[0], {
+        "task_id": "c1", "created_at": 950.0, "requests": 1, "cost_usd": 0.0168,
+        "success": True, "outcome_source": "reported", "tiers": ["slm", "llm"],
+        "fallbacks": 1, "route": "auto",
+    })  # fmt: skip
+    assert_close(listed[1], {
+        "task_id": "B", "created_at": 930.0, "requests": 2, "cost_usd": 0.0005,
+        "success": False, "outcome_source": "inferred", "tiers": ["slm"], "fallbacks": 0,
+        "route": "tools",
+    })  # fmt: skip
+    assert [t["task_id"] for t in ledger.tasks(limit=2)] == ["c1", "B"]
+    assert [t["task_id"] for t in ledger.tasks(route="tools")] == ["B"]
+    assert [t["task_id"] for t in ledger.tasks(route="auto")] == ["c1", "B", "A", "D"]
+    assert [t["task_id"] for t in ledger.tasks(window_s=100, now=1000.0)] == ["c1", "B", "A"]
+    assert [t["task_id"] for t in ledger.tasks(window_s=60, now=1000.0)] == ["c1"]
+
+
+def test_batch_rows_pre_aggregate_each_task_once() -> None:
+    rows = batch_rows([
+        req("r2", 20.0, [att("r2", 0, "slm", cost_usd=0.2)], task_id="T", route="late"),
+        req("r1", 10.0, [att("r1", 0, "slm", cost_usd=0.1), att("r1", 1, "llm", cost_usd=1.0)],
+            task_id="T", route="early", fallback=True),
+        req("r3", 30.0, [], status=500),
+    ])  # fmt: skip
+    requests, attempts, tasks = rows
+    assert [r["task_id"] for r in requests] == ["T", "T", "r3"]
+    assert [(a["request_id"], a["attempt_no"], a["task_id"]) for a in attempts] == [
+        ("r2", 0, "T"), ("r1", 0, "T"), ("r1", 1, "T")
+    ]  # fmt: skip
+    assert [t["task_id"] for t in tasks] == ["T", "r3"]  # sorted: one lock order
+    t, r3 = tasks
+    assert (t["created_at"], t["route"], t["requests"], t["fallbacks"]) == (10.0, "early", 2, 1)
+    assert t["cost_usd"] == pytest.approx(1.3)
+    assert (t["failed_requests"], t["success"]) == (0, True)
+    assert (r3["failed_requests"], r3["success"], r3["cost_usd"]) == (1, False, 0.0)
+
+
+def test_concurrent_writers_and_outcomes_keep_totals(ledger: Ledger) -> None:
+    def produce(worker: int) -> None:
+        for i in range(100):
+            rid = f"w{worker}-{i}"
+            ledger.record(req(rid, float(i), [att(rid, 0, "slm", cost_usd=0.01)],
+                              task_id=f"T{i % 10}"))  # fmt: skip
+            if i % 25 == 0:
+                ledger.set_outcome(f"T{i % 10}", True)
+
+    threads = [threading.Thread(target=produce, args=(w,)) for w in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert ledger.flush(60)
+    assert ledger.health()["written"] == 400
+    listed = {t["task_id"]: t for t in ledger.tasks(limit=100)}
+    assert sorted(listed) == [f"T{k}" for k in range(10)]
+    assert all(t["requests"] == 40 for t in listed.values())
+    assert sum(t["cost_usd"] for t in listed.values()) == pytest.approx(4.0)
+    assert {k for k, t in listed.items() if t["outcome_source"] == "reported"} == {"T0", "T5"}
+    assert ledger.stats(None, None, now=1000.0)["requests"] == 400
+
+
+# ---- stats ------------------------------------------------------------------------------------
+
+
+def test_stats_window_every_field(ledger: Ledger) -> None:
+    load_dataset(ledger)
+    stats = ledger.stats(window_s=100, route=None, buckets=4, now=1000.0)
+    assert set(stats) == STATS_KEYS
+    expected = {
+        "object": "slmgate.stats",
+        "window": {"start": 900.0, "end": 1000.0, "seconds": 100.0},
+        "route": None,
+        "requests": 6,  # a1 a2 b1 b2 c1 d2 (d1 is before the window)
+        "errors": 1,  # b2
+        "tasks": 3,  # A B c1 (D started before the window; E has no requests)
+        "tasks_with_outcome": 2,  # A (reported False), c1 (reported True)
+        "successful_tasks": 1,  # c1; A reported False, B inferred False (b2 is a 500)
+        "success_rate": 1 / 3,
+        "cost_usd": 0.0413,  # every attempt of the 6 requests
+        "cps_usd": 0.0393,  # (A 0.022 + B 0.0005 + c1 0.0168) / 1
+        "counterfactual_cost_usd": 0.055,
+        "savings_usd": 0.055 - 0.0413,
+        "schema_validity_rate": 0.75,  # a1 a2 c1 valid, d2 not
+        "executable_call_rate": 0.5,  # b1 yes, c1 no
+        "fallback_rate": 2 / 6,
+        "fallback_reasons": {"invalid": 1, "low_confidence": 1},
+        "latency_s": {"p50": 2.5, "p95": 4.75},  # [0.5 1 2 3 4 5]
+        "ttft_s": {"p50": 0.2, "p95": 0.46},  # [0.05 0.1 0.2 0.3 0.5]
+        "by_tier": {
+            "slm": {"attempts": 6, "answered": 3, "prompt_tokens": 360,
+                    "completion_tokens": 46, "cost_usd": 0.0053},
+            "llm": {"attempts": 2, "answered": 2, "prompt_tokens": 180,
+                    "completion_tokens": 28, "cost_usd": 0.036},
+        },
+        "speculation": {"drafted": 30, "accepted": 21, "steps": 9, "acceptance_rate": 0.7,
+                        "mean_accepted_length": 21 / 9},
+        "energy": {"joules": 4.5, "joules_per_request": 1.5, "measured": False},
+        "series": [
+            {"start": 900.0, "end": 925.0, "requests": 2, "tasks": 1, "successful_tasks": 0,
+             "cost_usd": 0.022, "cps_usd": None, "success_rate": 0.0},
+            {"start": 925.0, "end": 950.0, "requests": 2, "tasks": 1, "successful_tasks": 0,
+             "cost_usd": 0.0005, "cps_usd": None, "success_rate": 0.0},
+            {"start": 950.0, "end": 975.0, "requests": 2, "tasks": 1, "successful_tasks": 1,
+             "cost_usd": 0.0168, "cps_usd": 0.0168, "success_rate": 1.0},
+            {"start": 975.0, "end": 1000.0, "requests": 0, "tasks": 0, "successful_tasks": 0,
+             "cost_usd": 0.0, "cps_usd": None, "success_rate": None},
+        ],
+    }  # fmt: skip
+    assert_close(stats, expected)
+    assert all(set(row) == SERIES_KEYS for row in stats["series"])
+
+
+def test_stats_route_filter(ledger: Ledger) -> None:
+    load_dataset(ledger)
+    auto = ledger.stats(window_s=100, route="auto", buckets=4, now=1000.0)
+    assert auto["route"] == "auto"
+    assert (auto["requests"], auto["errors"]) == (5, 1)  # b1 is on "tools"; b2 on "auto"
+    # B counts for "auto" through b2, its whole cost included
+    assert (auto["tasks"], auto["successful_tasks"]) == (3, 1)
+    assert auto["cps_usd"] == pytest.approx(0.0393)
+    assert auto["cost_usd"] == pytest.approx(0.0408)  # 0.0413 without b1's 0.0005
+    assert auto["executable_call_rate"] == 0.0  # only c1 (False) is on "auto"
+    assert auto["by_tier"]["slm"]["attempts"] == 5
+    assert auto["energy"] == {"joules": 3.0, "joules_per_request": 1.5, "measured": True}
+
+    tools = ledger.stats(window_s=100, route="tools", buckets=4, now=1000.0)
+    assert_close({k: tools[k] for k in ("requests", "errors", "tasks", "successful_tasks",
+                                        "cost_usd", "cps_usd", "success_rate", "fallback_rate",
+                                        "schema_validity_rate", "executable_call_rate")},
+                 {"requests": 1, "errors": 0, "tasks": 1, "successful_tasks": 0,
+                  "cost_usd": 0.0005, "cps_usd": None, "success_rate": 0.0,
+                  "fallback_rate": 0.0, "schema_validity_rate": None,
+                  "executable_call_rate": 1.0})  # fmt: skip
+    assert tools["latency_s"] == {"p50": 2.0, "p95": 2.0}
+    assert tools["ttft_s"] == {"p50": None, "p95": None}
+    assert [row["requests"] for row in tools["series"]] == [0, 1, 0, 0]
+    assert [row["tasks"] for row in tools["series"]] == [0, 1, 0, 0]
+
+    none = ledger.stats(window_s=100, route="nope", buckets=2, now=1000.0)
+    assert (none["requests"], none["tasks"], none["cost_usd"]) == (0, 0, 0.0)
+    assert none["success_rate"] is None
+    assert none["cps_usd"] is None
+    assert none["by_tier"] == {}
+    assert none["fallback_reasons"] == {}
+    assert none["energy"] == {"joules": 0.0, "joules_per_request": None, "measured": None}
+    assert [row["requests"] for row in none["series"]] == [0, 0]
+
+
+def test_stats_all_data_series_over_the_data_span(ledger: Ledger) -> None:
+    load_dataset(ledger)
+    stats = ledger.stats(window_s=None, route=None, buckets=2, now=1000.0)
+    assert stats["window"] == {"start": None, "end": 1000.0, "seconds": None}
+    assert (stats["requests"], stats["tasks"], stats["successful_tasks"]) == (7, 4, 1)
+    assert stats["cps_usd"] == pytest.approx(0.0393 + 0.005)  # D (failed) adds its cost
+    assert stats["latency_s"]["p50"] == 3.0  # [0.5 1 2 3 4 5 10]
+    assert stats["cost_usd"] == pytest.approx(0.0443)  # + d1's 0.003
+    slm = {"attempts": 7, "answered": 4, "prompt_tokens": 370, "completion_tokens": 47,
+           "cost_usd": 0.0083}  # fmt: skip
+    assert_close(stats["by_tier"]["slm"], slm)
+    assert stats["by_tier"]["llm"]["attempts"] == 2
+    series = stats["series"]
+    assert [(row["start"], row["end"]) for row in series] == [(850.0, 905.0), (905.0, 960.0)]
+    assert [row["requests"] for row in series] == [1, 6]
+    assert [row["tasks"] for row in series] == [1, 3]
+    assert series[0]["cost_usd"] == pytest.approx(0.005)
+    assert series[1]["cps_usd"] == pytest.approx(0.0393)
+
+
+def test_stats_empty_ledger(ledger: Ledger) -> None:
+    stats = ledger.stats(None, None, now=10.0)
+    assert set(stats) == STATS_KEYS
+    assert stats["series"] == []
+    assert (stats["requests"], stats["tasks"], stats["cost_usd"]) == (0, 0, 0.0)
+    assert stats["latency_s"] == {"p50": None, "p95": None}
+    assert stats["speculation"]["acceptance_rate"] is None
+    windowed = ledger.stats(60, None, buckets=3, now=10.0)
+    assert [(r["start"], r["end"], r["requests"]) for r in windowed["series"]] == [
+        (-50.0, -30.0, 0), (-30.0, -10.0, 0), (-10.0, 10.0, 0)
+    ]  # fmt: skip
+
+
+def test_stats_single_instant_goes_to_one_bucket(ledger: Ledger) -> None:
+    load(ledger, [req("x", 5.0, [att("x", 0, "slm")]), req("y", 5.0, [att("y", 0, "slm")])])
+    series = ledger.stats(None, None, buckets=3, now=10.0)["series"]
+    assert [row["requests"] for row in series] == [2, 0, 0]
+    assert [row["tasks"] for row in series] == [2, 0, 0]
+
+
+def test_calibration_rows(ledger: Ledger) -> None:
+    load_dataset(ledger)
+    # accepted slm attempts: a1 (task A reported False), b1 (B inferred: excluded), d1/d2 (D
+    # inferred: excluded); c1's slm attempt escalated (excluded)
+    assert ledger.calibration_rows(None, "slm") == [({"mean_entropy": 0.2}, 0.9, False)]
+    assert ledger.calibration_rows(None, "llm") == [
+        ({}, 0.8, False),  # a2 → A reported False
+        ({"mean_entropy": 0.1}, 0.95, True),  # c1 reported True
+    ]
+    assert ledger.calibration_rows("tools", "slm") == []
+    assert ledger.calibration_rows("auto", "llm", window_s=60, now=1000.0) == [
+        ({"mean_entropy": 0.1}, 0.95, True)
+    ]
+
+
+# ---- failure paths ----------------------------------------------------------------------------
+
+
+class TcpProxy:
+    """A TCP forwarder that can be cut (listener closed, live connections reset) and restored:
+    a real network outage between the ledger and PostgreSQL."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen()
+        listener.settimeout(0.05)
+        self._listener = listener
+        self._spawn(self._accept, listener)
+
+    def down(self) -> None:
+        listener, self._listener = self._listener, None
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        for t in self._threads:
+            t.join(5)
+        self._threads = []
+        if listener is not None:
+            listener.close()
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._socks += [client, upstream]
+            self._spawn(self._pump, client, upstream)
+            self._spawn(self._pump, upstream, client)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_RDWR)
+
+
+class Outage:
+    """Switches a database off and on: a missing directory for SQLite, a cut proxy for PG."""
+
+    def __init__(self, backend: str, tmp_path: Path, stack: contextlib.ExitStack) -> None:
+        self.backend = backend
+        if backend == "sqlite":
+            self._dir = tmp_path / "later"
+            self.url = f"sqlite:///{self._dir / 'ledger.db'}"
+        else:
+            if not _pg_reachable():
+                pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+            schema_url = sa.make_url(stack.enter_context(pg_schema()))
+            self.proxy = TcpProxy(("127.0.0.1", 5432))
+            stack.callback(self.proxy.down)
+            self.url = schema_url.set(port=self.proxy.port).render_as_string(hide_password=False)
+
+    def up(self) -> None:
+        if self.backend == "sqlite":
+            self._dir.mkdir(exist_ok=True)
+        else:
+            self.proxy.up()
+
+    def down(self) -> None:
+        self.proxy.down()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def outage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Outage]:
+    with contextlib.ExitStack() as stack:
+        yield Outage(request.param, tmp_path, stack)
+
+
+def one(rid: str, t: float = 1.0) -> RequestRecord:
+    return req(rid, t, [att(rid, 0, "slm", cost_usd=0.01)], task_id="T")
+
+
+def test_database_down_at_start_then_back(outage: Outage) -> None:
+    failures: list[BaseException] = []
+    led = Ledger(outage.url, on_failure=failures.append, retries=1, backoff_s=0.0)
+    try:
+        led.start()  # must not raise
+        led.record(one("r1"))  # returns, never raises
+        assert led.flush(30)
+        health = led.health()
+        assert health["ok"] is False
+        assert health["written"] == 0
+        assert (health["dropped"], health["dropped_write_failed"]) == (1, 1)
+        assert health["write_failures"] >= 2  # start's create_all + both write tries
+        assert health["last_error"]
+        assert failures
+        assert all(isinstance(e, SQLAlchemyError) for e in failures)
+        with pytest.raises(LedgerUnavailable):
+            led.set_outcome("T", True)
+        with pytest.raises(LedgerUnavailable):
+            led.stats(None, None)
+        with pytest.raises(LedgerUnavailable):
+            led.tasks()
+
+        outage.up()
+        led.record(one("r2"))
+        assert led.flush(30)
+        health = led.health()
+        assert (health["ok"], health["written"], health["dropped"]) == (True, 1, 1)
+        led.set_outcome("T", True)
+        task = led.task("T")
+        assert task is not None
+        assert [r["request_id"] for r in task["requests"]] == ["r2"]
+        assert (task["success"], task["outcome_source"]) == (True, "reported")
+    finally:
+        led.close()
+
+
+def test_postgres_outage_mid_run_and_recovery(tmp_path: Path) -> None:
+    """PostgreSQL only: an open SQLite file cannot be taken away (see the down-at-start test)."""
+    with contextlib.ExitStack() as stack:
+        outage = Outage("postgresql", tmp_path, stack)
+        outage.up()
+        _outage_mid_run(outage)
+
+
+def _outage_mid_run(outage: Outage) -> None:
+    failures: list[BaseException] = []
+    led = Ledger(outage.url, on_failure=failures.append, retries=2, backoff_s=0.01)
+    try:
+        led.start()
+        led.record(one("r1"))
+        assert led.flush(30)
+        assert led.health()["written"] == 1
+
+        outage.down()
+        for i in range(3):
+            led.record(one(f"lost{i}", 2.0))  # returns, never raises
+        assert led.flush(60)
+        health = led.health()
+        assert health["ok"] is False
+        assert health["written"] == 1
+        assert health["dropped_write_failed"] == 3
+        assert health["write_failures"] >= 3  # the batch and its two retries
+        assert len(failures) == health["write_failures"]
+        with pytest.raises(LedgerUnavailable):
+            led.set_outcome("T", False)
+        with pytest.raises(LedgerUnavailable):
+            led.stats(None, None)
+
+        outage.up()
+        led.record(one("r2", 3.0))
+        assert led.flush(30)
+        assert led.health()["ok"] is True
+        assert led.health()["written"] == 2
+        task = led.task("T")
+        assert task is not None
+        assert [r["request_id"] for r in task["requests"]] == ["r1", "r2"]
+        assert led.stats(None, None, now=10.0)["requests"] == 2
+    finally:
+        led.close()
+
+
+def test_writer_recreates_a_dropped_table(db_url: str) -> None:
+    led = Ledger(db_url, retries=2, backoff_s=0.0)
+    led.start()
+    try:
+        load(led, [one("r1")])
+        engine = sa.create_engine(db_url)
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE attempts"))
+        engine.dispose()
+        led.record(one("r2", 2.0))
+        assert led.flush(30)
+        health = led.health()
+        assert health["write_failures"] == 1
+        assert (health["written"], health["dropped"], health["ok"]) == (2, 0, True)
+        task = led.task("T")
+        assert task is not None
+        assert [len(r["attempts"]) for r in task["requests"]] == [0, 1]  # r1's went with it
+    finally:
+        led.close()
+
+
+def test_queue_full_drops_and_counts(db_url: str) -> None:
+    led = Ledger(db_url, queue_size=3)
+    try:
+        for i in range(5):  # writer not started yet: the queue fills
+            led.record(one(f"r{i}", float(i)))  # returns, never raises
+        health = led.health()
+        assert (health["dropped"], health["dropped_queue_full"], health["queued"]) == (2, 2, 3)
+        led.start()
+        assert led.flush(30)
+        assert led.health()["written"] == 3
+        task = led.task("T")
+        assert task is not None
+        assert [r["request_id"] for r in task["requests"]] == ["r0", "r1", "r2"]
+    finally:
+        led.close()
+
+
+def test_duplicate_request_id_is_dropped_alone(db_url: str) -> None:
+    led = Ledger(db_url)
+    led.start()
+    try:
+        load(led, [one("r1")])
+        led.record(one("r1", 5.0))  # already stored
+        led.record(one("r2", 6.0))
+        led.record(one("r2", 7.0))  # duplicate within the batch
+        assert led.flush(30)
+        health = led.health()
+        assert (health["written"], health["dropped"]) == (2, 2)
+        task = led.task("T")
+        assert task is not None
+        assert [(r["request_id"], r["created_at"]) for r in task["requests"]] == [
+            ("r1", 1.0), ("r2", 6.0)
+        ]  # fmt: skip
+        assert led.tasks()[0]["requests"] == 2  # totals not double counted
+    finally:
+        led.close()
+
+
+def test_close_flushes_and_later_records_are_dropped(db_url: str) -> None:
+    led = Ledger(db_url)
+    led.start()
+    for i in range(20):
+        led.record(one(f"r{i}", float(i)))
+    led.close()
+    assert led.health()["written"] == 20
+    led.record(one("after"))  # returns, never raises
+    assert led.health()["dropped"] == 1
+    again = Ledger(db_url)
+    again.start()
+    try:
+        assert again.stats(None, None, now=100.0)["requests"] == 20
+    finally:
+        again.close()
+
+
+def test_on_failure_callback_errors_are_swallowed(tmp_path: Path) -> None:
+    def boom(exc: BaseException) -> None:
+        raise RuntimeError("metrics down too")
+
+    led = Ledger(f"sqlite:///{tmp_path / 'missing' / 'x.db'}", on_failure=boom, retries=0)
+    led.start()
+    led.record(one("r1"))
+    assert led.flush(30)
+    assert led.health()["dropped"] == 1
+    led.close()
+
+
+def test_rejects_in_memory_sqlite_and_unknown_backends() -> None:
+    with pytest.raises(ValueError, match="SQLite file"):
+        Ledger("sqlite://")
+    with pytest.raises(ValueError, match="unsupported"):
+        Ledger("mysql+pymysql://u@localhost/db")
+
+
+def test_set_outcome_rejects_empty_task_id(ledger: Ledger) -> None:
+    with pytest.raises(ValueError, match="task_id"):
+        ledger.set_outcome("", True)
+
+
+# ---- the benchmark's own bookkeeping ----------------------------------------------------------
+
+
+def test_ledger_bench_small_run(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import ledger_bench
+
+    assert ledger_bench.main(["--rows", "60", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    records = list(ledger_bench.synthetic_requests(60, 0.0))
+    task_ids = {r.task_id or r.request_id for r in records}
+    assert result["rows"] == result["check"]["requests"] == 60
+    assert result["attempts"] == sum(len(r.attempts) for r in records)
+    assert result["tasks"] == len(task_ids)
+    explicit = sorted({r.task_id for r in records if r.task_id is not None})
+    assert result["outcomes"] == len(explicit[::2])  # outcomes for half the tasks
+    assert set(result["reads"]) == {"stats_all", "stats_1h", "stats_24h_route", "tasks_50",
+                                    "task_one"}  # fmt: skip
+    assert {"cpu", "cores"} <= set(result["machine"])
