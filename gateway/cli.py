@@ -1,4 +1,4 @@
-"""The ``slmgate`` command: serve, models, bench."""
+"""The ``slmgate`` command: serve, models, bench, calibrate, eval."""
 
 from __future__ import annotations
 
@@ -63,6 +63,93 @@ def _bench(args: argparse.Namespace) -> int:
     return result
 
 
+def _load_labels(path: str) -> list[dict[str, object]]:
+    import json
+
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict) or "success" not in row:
+                    raise SystemExit(f"{path}:{n}: each row needs 'signals' and 'success'")
+                rows.append(row)
+    return rows
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """Thresholds from labelled SLM answers (an eval's --labels file or the ledger's reported
+    task outcomes), printed as a table and as the route settings to paste into the config."""
+    import json
+
+    from router.calibrate import calibrate_all
+    from router.confidence import SIGNALS
+
+    labelled: list[tuple[dict[str, float], bool]] = []
+    features: list[tuple[dict[str, float], bool]] = []
+    if args.labels:
+        for row in _load_labels(args.labels):
+            ok = bool(row["success"])
+            signals = row.get("signals") or {}
+            assert isinstance(signals, dict)
+            labelled.append(({k: float(v) for k, v in signals.items()}, ok))
+            feats = row.get("features")
+            if isinstance(feats, dict):
+                features.append(({k: float(v) for k, v in feats.items()}, ok))
+    else:
+        from router.ledger import Ledger
+
+        ledger = Ledger(args.ledger)
+        ledger.start()
+        try:
+            rows = ledger.calibration_rows(args.route, args.tier, args.window)
+        finally:
+            ledger.close()
+        labelled = [(signals, ok) for signals, _, ok in rows]
+    if not labelled:
+        print("no labelled rows: run `slmgate eval bfcl --labels FILE` or report task outcomes")
+        return 1
+    signals = SIGNALS if args.signal == "all" else (args.signal,)
+    results = calibrate_all(
+        labelled, signals=signals, max_fallback_rate=args.target_fallback_rate,
+        min_success_rate=args.target_success_rate,
+    )  # fmt: skip
+    print(f"{len(labelled)} labelled rows; target "
+          f"{results[0].target if results else '-'}")  # fmt: skip
+    print(f"{'signal':24s} {'threshold':>9s} {'fallback':>8s} {'kept ok':>8s} {'slm ok':>7s} "
+          f"{'AUROC':>6s} met")  # fmt: skip
+    for c in results:
+        kept = "-" if c.kept_success_rate is None else f"{c.kept_success_rate:.3f}"
+        auc = "-" if c.auroc is None else f"{c.auroc:.3f}"
+        print(f"{c.signal:24s} {c.threshold:9.4f} {c.fallback_rate:8.3f} {kept:>8s} "
+              f"{c.slm_success_rate:7.3f} {auc:>6s} {'yes' if c.met else 'no'}")  # fmt: skip
+    best = results[0]
+    print(f"\nroute settings ({args.route}):\n  policy: cascade\n  signal: {best.signal}\n"
+          f"  threshold: {best.threshold:.4f}")  # fmt: skip
+    out: dict[str, object] = {"route": args.route, "calibrations": [c.to_dict() for c in results]}
+    if args.pre_out:
+        from router.pre import PreRouter, fit
+
+        if not features:
+            print("no 'features' in the labels: cannot fit the pre-router")
+            return 1
+        pre = PreRouter(fit(features), threshold=args.pre_threshold, trained_on=len(features))
+        pre.save(args.pre_out)
+        print(f"pre-router fitted on {len(features)} rows -> {args.pre_out}")
+        out["pre_router"] = args.pre_out
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from benchmarks.bfcl_eval import main as bfcl_main
+
+    result: int = bfcl_main(args.rest)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slmgate", description=__doc__)
     parser.add_argument("--version", action="version", version=f"slmgate {version('slmgate')}")
@@ -83,6 +170,28 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("what", choices=list(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
+
+    cal = sub.add_parser("calibrate", help="calibrate a route's escalation threshold")
+    source = cal.add_mutually_exclusive_group(required=True)
+    source.add_argument("--labels", help="JSONL of {signals, success[, features]} rows "
+                        "(slmgate eval bfcl --labels)")  # fmt: skip
+    source.add_argument("--ledger", help="ledger URL; uses tasks with reported outcomes")
+    target = cal.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-fallback-rate", type=float, default=None)
+    target.add_argument("--target-success-rate", type=float, default=None)
+    cal.add_argument("--signal", default="all", help="one signal, or all (best AUROC first)")
+    cal.add_argument("--route", default="auto")
+    cal.add_argument("--tier", default="slm", help="tier whose answers are labelled (ledger)")
+    cal.add_argument("--window", type=float, default=None, help="ledger window in seconds")
+    cal.add_argument("--pre-out", default=None, help="also fit the pre-router; write it here")
+    cal.add_argument("--pre-threshold", type=float, default=0.5)
+    cal.add_argument("--json", default=None, help="write the results as JSON")
+    cal.set_defaults(func=_calibrate)
+
+    ev = sub.add_parser("eval", help="evaluate routing policies: bfcl")
+    ev.add_argument("what", choices=["bfcl"])
+    ev.add_argument("rest", nargs=argparse.REMAINDER)
+    ev.set_defaults(func=_eval)
 
     args = parser.parse_args(argv)
     logging.basicConfig(
