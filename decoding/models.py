@@ -1,15 +1,20 @@
-"""Model specs and the built-in defaults: which weights, dtype and device each model uses."""
+"""Model specs and the built-in defaults: which weights, dtype and device each model uses, or
+which remote server or hosted model serves a tier; ``build_backend`` turns a spec into one."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from decoding.backend import Backend
 from decoding.engine import EmbeddedEngine, EngineConfig
 from decoding.loader import LoadedModel, default_cache_dir, load_gguf_source, load_model_dir
+from decoding.openai_compat import OpenAICompatBackend, RemoteConfig
+from decoding.resilience import RetryPolicy
 from decoding.weights import QWEN25_CODER_05B, SMOLLM2_135M, GGUFSource
 
 log = logging.getLogger(__name__)
@@ -20,24 +25,96 @@ BUILTIN_SOURCES: dict[str, GGUFSource] = {
 }
 
 
+# Default prices ($ per 1M tokens in, out) for the built-in models: what a self-hosted small
+# model of this size costs on shared CPU/GPU capacity, set so the LLM tier is ~4x the SLM tier.
+# A spec that names a built-in source without prices gets these; any other embedded model or
+# OpenAI-compatible server costs 0 until its config sets prices.
+BUILTIN_PRICES: dict[str, tuple[float, float]] = {
+    "builtin:smollm2-135m-instruct": (0.02, 0.04),
+    "builtin:qwen2.5-coder-0.5b-instruct": (0.08, 0.16),
+}
+
+ModelKind = Literal["embedded", "openai", "litellm"]
+_REMOTE_ONLY = ("base_url", "remote_model", "api_key_env")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """One embedded model. ``source`` is a ``builtin:`` name or a local HF model directory.
+    """One model tier.
 
-    ``dtype`` ``auto`` means bfloat16 on CPU (measured ~1.6x faster per decoded token than
-    float32 for both default models here) and on CUDA; float32 when exact reproducibility of
-    multi-token verification matters (speculation tests pin it).
+    ``kind``:
+      - ``embedded`` (default): ``source`` is a ``builtin:`` name or a local HF model
+        directory. ``dtype`` ``auto`` means bfloat16 on CPU (measured ~1.6x faster per decoded
+        token than float32 for both default models here) and on CUDA; float32 when exact
+        reproducibility of multi-token verification matters (speculation tests pin it).
+      - ``openai``: an OpenAI-compatible server (``vllm serve``, another slmgate):
+        ``base_url`` (with ``/v1``) and ``remote_model`` (the model id on that server).
+      - ``litellm``: a hosted model through LiteLLM: ``remote_model`` is LiteLLM's model
+        string (``gpt-4o-mini``, ``anthropic/…``); ``base_url`` is optional (``api_base``).
+
+    Remote kinds leave ``source`` empty and use ``api_key_env`` (the *name* of the variable
+    holding the key), ``timeout_s`` per attempt, ``max_retries`` for retryable errors,
+    ``breaker_failures`` consecutive failures to open the circuit for ``breaker_reset_s``,
+    ``context_length`` (not discoverable remotely), ``supports_logprobs`` (ask for them) and
+    ``vllm_extras`` (send vLLM's ``top_k``/``structured_outputs``).
+
+    Prices are $ per 1M tokens. ``None`` means the default: ``BUILTIN_PRICES`` for the
+    built-in models, LiteLLM's cost map for ``litellm``, else 0 (a local model directory or an
+    OpenAI-compatible server has no list price: set one in the config for cost reports).
     """
 
     name: str
-    source: str
+    source: str = ""
     tier: str = "slm"
     dtype: str = "auto"
     device: str = "auto"
-    price_in_per_mtok: float = 0.0
-    price_out_per_mtok: float = 0.0
+    price_in_per_mtok: float | None = None
+    price_out_per_mtok: float | None = None
+    kind: ModelKind = "embedded"
+    base_url: str | None = None
+    remote_model: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = 60.0
+    max_retries: int = 2
+    breaker_failures: int = 5
+    breaker_reset_s: float = 30.0
+    context_length: int = 32768
+    supports_logprobs: bool = True
+    vllm_extras: bool = False
 
     def __post_init__(self) -> None:
+        for price in (self.price_in_per_mtok, self.price_out_per_mtok):
+            if price is not None and price < 0:
+                raise ValueError(f"model {self.name!r}: prices must be >= 0")
+        if self.kind == "embedded":
+            self._check_embedded()
+        elif self.kind in ("openai", "litellm"):
+            self._check_remote()
+        else:
+            raise ValueError(f"model {self.name!r}: kind must be embedded, openai or litellm")
+
+    def _check_remote(self) -> None:
+        if self.source:
+            raise ValueError(f"model {self.name!r}: 'source' is for embedded models only")
+        if not self.remote_model:
+            raise ValueError(f"model {self.name!r}: kind {self.kind} needs remote_model")
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError(f"model {self.name!r}: kind openai needs base_url")
+        if self.timeout_s <= 0 or self.breaker_reset_s < 0 or self.context_length < 1:
+            raise ValueError(
+                f"model {self.name!r}: timeout_s > 0, breaker_reset_s >= 0, context_length >= 1"
+            )
+        if self.max_retries < 0 or self.breaker_failures < 1:
+            raise ValueError(f"model {self.name!r}: max_retries >= 0, breaker_failures >= 1")
+
+    def _check_embedded(self) -> None:
+        set_remote = [f for f in _REMOTE_ONLY if getattr(self, f) is not None]
+        if set_remote:
+            raise ValueError(
+                f"model {self.name!r}: {', '.join(set_remote)} need kind openai or litellm"
+            )
+        if not self.source:
+            raise ValueError(f"model {self.name!r}: embedded models need a source")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16: {self.dtype!r}")
         if not self.source.startswith("builtin:") and not Path(self.source).exists():
@@ -46,6 +123,15 @@ class ModelSpec:
             raise ValueError(
                 f"unknown builtin model {self.source!r}; known: {sorted(BUILTIN_SOURCES)}"
             )
+
+    def resolved_prices(self) -> tuple[float, float]:
+        """($ in, $ out) per 1M tokens for embedded models: the config's, else the built-in
+        default, else 0 (remote prices are resolved by the backends)."""
+        default = BUILTIN_PRICES.get(self.source, (0.0, 0.0))
+        return (
+            default[0] if self.price_in_per_mtok is None else self.price_in_per_mtok,
+            default[1] if self.price_out_per_mtok is None else self.price_out_per_mtok,
+        )
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -56,14 +142,10 @@ class ModelSpec:
         return "bfloat16" if self.dtype == "auto" else self.dtype
 
 
-# Default prices ($ per 1M tokens) for the embedded models: what a self-hosted small model of
-# this size costs on shared CPU/GPU capacity, set so the LLM tier is ~4x the SLM tier.
 DEFAULT_MODELS = (
-    ModelSpec("slm", "builtin:smollm2-135m-instruct", tier="slm",
-              price_in_per_mtok=0.02, price_out_per_mtok=0.04),
-    ModelSpec("llm", "builtin:qwen2.5-coder-0.5b-instruct", tier="llm",
-              price_in_per_mtok=0.08, price_out_per_mtok=0.16),
-)  # fmt: skip
+    ModelSpec("slm", "builtin:smollm2-135m-instruct", tier="slm"),
+    ModelSpec("llm", "builtin:qwen2.5-coder-0.5b-instruct", tier="llm"),
+)
 
 
 def load_weights(spec: ModelSpec, cache_dir: Path | None = None) -> LoadedModel:
@@ -73,20 +155,55 @@ def load_weights(spec: ModelSpec, cache_dir: Path | None = None) -> LoadedModel:
     return load_model_dir(Path(spec.source), dtype, device)
 
 
-def load_engine(spec: ModelSpec, cache_dir: Path | None = None, warmup: bool = True) -> (
-    EmbeddedEngine
-):
+def load_engine(
+    spec: ModelSpec, cache_dir: Path | None = None, warmup: bool = True
+) -> EmbeddedEngine:
     """Load, warm up and return the engine for ``spec``; logs where the weights came from."""
     loaded = load_weights(spec, cache_dir or default_cache_dir())
     log.info(
         "model %s: %s on %s (%s)", spec.name, loaded.source, spec.resolved_device(),
         spec.resolved_dtype(),
     )  # fmt: skip
+    price_in, price_out = spec.resolved_prices()
     config = EngineConfig(
         name=spec.name,
         tier=spec.tier,
         warmup=warmup,
+        price_in_per_mtok=price_in,
+        price_out_per_mtok=price_out,
+    )
+    return EmbeddedEngine(loaded, config)
+
+
+def remote_config(spec: ModelSpec) -> RemoteConfig:
+    """The remote backends' config for a remote ``spec``."""
+    assert spec.remote_model is not None  # checked by ModelSpec
+    return RemoteConfig(
+        name=spec.name,
+        model=spec.remote_model,
+        base_url=spec.base_url,
+        tier=spec.tier,
+        api_key_env=spec.api_key_env,
+        timeout_s=spec.timeout_s,
+        retry=RetryPolicy(max_retries=spec.max_retries),
+        breaker_failures=spec.breaker_failures,
+        breaker_reset_s=spec.breaker_reset_s,
+        context_length=spec.context_length,
+        supports_logprobs=spec.supports_logprobs,
+        vllm_extras=spec.vllm_extras,
         price_in_per_mtok=spec.price_in_per_mtok,
         price_out_per_mtok=spec.price_out_per_mtok,
     )
-    return EmbeddedEngine(loaded, config)
+
+
+def build_backend(spec: ModelSpec, cache_dir: Path | None = None, warmup: bool = True) -> Backend:
+    """The backend for ``spec``: a loaded embedded engine, or a remote client (no network
+    call is made here; a missing ``api_key_env`` variable fails now, not at the first
+    request)."""
+    if spec.kind == "openai":
+        return OpenAICompatBackend(remote_config(spec))
+    if spec.kind == "litellm":
+        from decoding.litellm_backend import LiteLLMBackend  # optional dependency
+
+        return LiteLLMBackend(remote_config(spec))
+    return load_engine(spec, cache_dir, warmup)
