@@ -48,6 +48,7 @@ from router.confidence import (
     signals_of,
 )
 from router.cost import attempt_cost, counterfactual_cost
+from router.energy import EnergyMeter
 from router.pre import PreRouter
 from router.records import AttemptOutcome, AttemptRecord, RequestRecord
 from schemas.errors import (
@@ -226,16 +227,21 @@ class _Run:
     started: float  # perf_counter when the attempt began
     first_token: float | None  # perf_counter of its first token
     aborted: str | None = None
+    energy: tuple[float, bool] | None = None  # (joules, measured?) when a meter is set
 
 
 class Router:
-    def __init__(self, backends: dict[str, Any], routes: dict[str, Route]):
+    def __init__(
+        self, backends: dict[str, Any], routes: dict[str, Route], energy: EnergyMeter | None = None
+    ):
+        """``energy`` measures (or estimates) the energy of every attempt for the ledger."""
         for route in routes.values():
             missing = [t for t in route.tiers if t not in backends]
             if missing:
                 raise ValueError(f"route {route.name!r} names unknown backends {missing}")
         self.backends = backends
         self.routes = routes
+        self.energy = energy
 
     # ---- resolving and preparing ---------------------------------------------------------
 
@@ -354,6 +360,7 @@ class Router:
         started = time.perf_counter()
         first: float | None = None
         aborted = None
+        meter = self.energy.start() if self.energy is not None else None
         stream = backend.generate(req, prepared)
         try:
             async for event in stream:
@@ -369,7 +376,10 @@ class Router:
             await stream.aclose()  # cancels the engine at its next step
         result = collect(events, backend.info.name)
         result.prompt_tokens = result.prompt_tokens or _prompt_tokens(prepared)
-        return self._run_of(route, req, result, started, first, aborted)
+        run = self._run_of(route, req, result, started, first, aborted)
+        if meter is not None and self.energy is not None:
+            run.energy = self.energy.stop(meter)
+        return run
 
     @staticmethod
     def _run_of(
@@ -434,6 +444,8 @@ class Router:
                 rec.spec_drafted = sum(s.drafted for s in specs)
                 rec.spec_accepted = sum(s.accepted for s in specs)
                 rec.spec_steps = sum(s.steps for s in specs)
+        if run.energy is not None:
+            rec.energy_j, rec.energy_measured = run.energy
         rec.confidence = run.confidence
         rec.signals = {k: v for k, v in run.signals.items() if math.isfinite(v)}
         if trace.pre_score is not None:
@@ -502,6 +514,7 @@ class Router:
             started = time.perf_counter()
             first: float | None = None
             aborted = None
+            meter = self.energy.start() if self.energy is not None else None
             source = backend.generate(req, prepared)
             try:
                 async for event in source:
@@ -537,6 +550,8 @@ class Router:
             result = collect(events, backend.info.name)
             result.prompt_tokens = result.prompt_tokens or _prompt_tokens(prepared)
             run = self._run_of(route, req, result, started, first, aborted)
+            if meter is not None and self.energy is not None:
+                run.energy = self.energy.stop(meter)
             if aborted:
                 self._record_attempt(route, req, backend, trace, run, aborted)
                 reason = aborted

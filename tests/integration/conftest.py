@@ -7,7 +7,9 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -22,14 +24,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    config = tmp_path_factory.mktemp("cfg") / "slmgate.yaml"
+MODELS = (
+    "models:\n  - {name: slm, source: 'builtin:smollm2-135m-instruct', tier: slm,"
+    " price_in_per_mtok: 0.02, price_out_per_mtok: 0.04}\n"
+    "  - {name: llm, source: 'builtin:qwen2.5-coder-0.5b-instruct', tier: llm,"
+    " price_in_per_mtok: 0.08, price_out_per_mtok: 0.16}\n"
+)
+# ``auto`` stays single-tier here so the wire-format tests see the SLM; ``cascade`` and ``pre``
+# are the routing policies (tests/integration/test_routing.py).
+ROUTES = (
+    "routes:\n  - {name: auto, tiers: [slm]}\n"
+    "  - {name: cascade, tiers: [slm, llm], policy: cascade, threshold: 0.5,"
+    " early_fallback: {enabled: true}}\n"
+    "  - {name: pre, tiers: [slm, llm], policy: pre}\n"
+)
+
+
+@contextmanager
+def live_server(config_dir: Path, ledger_url: str) -> Iterator[str]:
+    """Run ``slmgate serve`` on a free port with the test config; yield its base URL."""
+    config = config_dir / "slmgate.yaml"
     config.write_text(
-        "models:\n  - {name: slm, source: 'builtin:smollm2-135m-instruct', tier: slm}\n"
-        "  - {name: llm, source: 'builtin:qwen2.5-coder-0.5b-instruct', tier: llm}\n"
-        "routes:\n  - {name: auto, tiers: [slm]}\n"
-        f"api_keys: [{KEY}]\nlimits: {{max_body_bytes: 200000}}\n"
+        MODELS + ROUTES + f"api_keys: [{KEY}]\nlimits: {{max_body_bytes: 200000}}\n"
+        f"ledger_url: '{ledger_url}'\n"
     )
     port = free_port()
     proc = subprocess.Popen(
@@ -56,3 +73,37 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="session")
+def server_ledger_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The SQLite ledger the shared ``server`` writes to."""
+    return f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.sqlite3'}"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, server_ledger_url: str) -> Iterator[str]:
+    with live_server(tmp_path_factory.mktemp("cfg"), server_ledger_url) as base:
+        yield base
+
+
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@contextmanager
+def pg_schema() -> Iterator[str]:
+    """A PostgreSQL URL whose connections see only a fresh schema, dropped afterwards."""
+    import sqlalchemy as sa
+
+    schema = f"slmgate_it_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(PG_URL)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except sa.exc.OperationalError as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}")
+    try:
+        url = sa.make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()

@@ -9,6 +9,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -16,6 +18,7 @@ from decoding.backend import BackendInfo, FinishEvent
 from decoding.types import GenerationRequest, GenerationResult, TokenEvent
 from gateway.app import create_app
 from gateway.config import GatewayConfig, Limits
+from router.ledger import Ledger
 from router.router import Route, Router
 from schemas.errors import UpstreamError
 
@@ -47,9 +50,13 @@ class ScriptedBackend:
         raise AssertionError("not used")
 
 
-def make_client(backend: ScriptedBackend, limits: Limits | None = None) -> httpx.AsyncClient:
-    config = GatewayConfig(routes=(Route("auto", ("slm",)),), limits=limits or Limits())
-    app = create_app(config, Router({"slm": backend}, {"auto": Route("auto", ("slm",))}))
+def make_client(
+    backend: ScriptedBackend, limits: Limits | None = None, ledger: Ledger | None = None
+) -> httpx.AsyncClient:
+    config = GatewayConfig(routes=(Route("auto", ("slm",)),), limits=limits or Limits(),
+                           ledger_url="off")  # fmt: skip
+    router = Router({"slm": backend}, {"auto": Route("auto", ("slm",))})
+    app = create_app(config, router, ledger)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
@@ -109,3 +116,46 @@ async def test_non_object_bodies_are_400(body: bytes) -> None:
         r = await client.post("/v1/chat/completions", content=body)
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_ledger_outage_is_counted_not_a_500(caplog: pytest.LogCaptureFixture) -> None:
+    # Nothing listens on port 1: every write fails; the response path must not notice.
+    ledger = Ledger("postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=1")
+    ledger.start()
+    try:
+        async with make_client(ScriptedBackend(["o", "k"]), ledger=ledger) as client:
+            body = {**BODY, "stream": False}
+            r = await client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200
+            assert r.json()["choices"][0]["message"]["content"] == "ok"
+            assert await asyncio.to_thread(ledger.flush, 30.0)
+            health = ledger.health()
+            assert health["write_failures"] >= 1
+            assert health["dropped_write_failed"] == 1
+            stats = await client.get("/v1/stats")
+            assert stats.status_code == 503  # reads report the outage as a retryable error
+            assert stats.json()["error"]["type"] == "overloaded_error"
+    finally:
+        ledger.close(timeout=1.0)
+
+
+async def test_task_outcome_endpoint_validates_its_body(tmp_path: Path) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    ledger.start()
+    try:
+        async with make_client(ScriptedBackend(["a"]), ledger=ledger) as client:
+            bad = await client.post("/v1/tasks/t1/outcome", json={"success": "maybe"})
+            assert bad.status_code == 400
+            assert bad.json()["error"]["param"] == "success"
+            ok = await client.post("/v1/tasks/t1/outcome", json={"success": True})
+            assert ok.json() == {"object": "task.outcome", "task_id": "t1", "success": True,
+                                 "score": None, "recorded": True}  # fmt: skip
+            task = await client.get("/v1/tasks/t1")
+            assert task.json()["success"] is True
+            missing = await client.get("/v1/tasks/nope")
+            assert missing.status_code == 404
+            window = await client.get("/v1/stats", params={"window": "soon"})
+            assert window.status_code == 400
+            assert window.json()["error"]["param"] == "window"
+    finally:
+        ledger.close()
