@@ -107,3 +107,11 @@ def pg_schema() -> Iterator[str]:
         with engine.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second live server whose ledger is the local PostgreSQL (a fresh schema), shared by the
+    tests that must pass on both ledgers."""
+    with pg_schema() as url, live_server(tmp_path_factory.mktemp("pgcfg"), url) as base:
+        yield base

@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -590,22 +589,16 @@ def total(samples: Counters, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def live(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Any]]:
+def live(request: pytest.FixtureRequest) -> dict[str, Any]:
     """A live ``slmgate serve`` after a scripted run of real requests and two reported outcomes,
     with /metrics before and after, and the ledger's view of every task the run made. SQLite:
-    the shared ``server`` (its ledger may hold other tests' rows); PostgreSQL: a fresh one."""
-    from tests.integration.conftest import KEY, live_server, pg_schema
+    the shared ``server``; PostgreSQL: the shared ``pg_server`` (either ledger may hold other
+    tests' rows)."""
+    from tests.integration.conftest import KEY
 
     assert KEY == LIVE_KEY
-    if request.param == "sqlite":
-        yield run_script(request.getfixturevalue("server"))
-        return
-    with ExitStack() as stack:
-        url = stack.enter_context(pg_schema())
-        base = stack.enter_context(live_server(tmp_path_factory.mktemp("cfg"), url))
-        yield run_script(base)
+    base: str = request.getfixturevalue("server" if request.param == "sqlite" else "pg_server")
+    return run_script(base)
 
 
 def run_script(base: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.integration.conftest import KEY, live_server, pg_schema
+from tests.integration.conftest import KEY
 
 pytestmark = pytest.mark.slow
 
@@ -32,17 +32,10 @@ CONTAINS = {"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxIt
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def gateway(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('routing') / 'ledger.sqlite3'}"
-        with live_server(tmp_path_factory.mktemp("cfg"), url) as base:
-            yield base
-        return
-    with pg_schema() as url, live_server(tmp_path_factory.mktemp("cfg"), url) as base:
-        yield base
+def gateway(request: pytest.FixtureRequest) -> str:
+    """The shared live server (SQLite ledger) or its PostgreSQL twin."""
+    base: str = request.getfixturevalue("server" if request.param == "sqlite" else "pg_server")
+    return base
 
 
 @pytest.fixture
