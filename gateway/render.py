@@ -94,6 +94,9 @@ def slmgate_facts(answer: Answer) -> dict[str, Any]:
                 "cost_usd": round(a.cost_usd, 10),
                 "latency_s": round(a.latency_s, 4),
                 "error": a.error,
+                "energy_j": None if a.energy_j is None else round(a.energy_j, 4),
+                "energy": None if a.energy_j is None else (
+                    "measured" if a.energy_measured else "estimated"),
             }
             for a in answer.attempts
         ],
