@@ -293,6 +293,37 @@ def render_table(summaries: Sequence[dict[str, Any]], categories: Sequence[str])
     return "\n".join(lines)
 
 
+def simulate_cascade(
+    records: Sequence[ItemRecord], signal: str, threshold: float
+) -> dict[str, Any] | None:
+    """What a cascade at ``threshold`` on ``signal`` would score, from the same items' ``slm``
+    and ``llm`` records (greedy decoding makes the LLM's answer inside a cascade the same as
+    LLM-only). Escalates an SLM reply that is invalid, not executable, failed, or scores under
+    the threshold; ignores early fallback (which only makes escalations cheaper)."""
+    slm = {(r.category, r.id): r for r in records if r.policy == "slm"}
+    llm = {(r.category, r.id): r for r in records if r.policy == "llm"}
+    keys = sorted(set(slm) & set(llm))
+    if not keys:
+        return None
+    ok = escalated = 0
+    cost = 0.0
+    for key in keys:
+        s, big = slm[key], llm[key]
+        score = s.signals.get(signal)
+        up = (
+            s.request_error or s.valid is False or s.executable is False
+            or (score is not None and score < threshold)
+        )  # fmt: skip
+        cost += (s.cost_usd or 0.0) + ((big.cost_usd or 0.0) if up else 0.0)
+        ok += int(big.success if up else s.success)
+        escalated += int(up)
+    return {
+        "signal": signal, "threshold": threshold, "items": len(keys),
+        "accuracy": ok / len(keys), "fallback_rate": escalated / len(keys),
+        "total_cost_usd": cost, "cps_usd": None if ok == 0 else cost / ok,
+    }  # fmt: skip
+
+
 def label_rows(records: Sequence[ItemRecord], policy: str = "slm") -> list[dict[str, Any]]:
     """Labelled rows for ``slmgate calibrate``: the small model's signals and BFCL's verdict.
     Items whose request failed carry no signals and are left out."""

@@ -58,6 +58,9 @@ class ModelSpec:
     ``context_length`` (not discoverable remotely), ``supports_logprobs`` (ask for them) and
     ``vllm_extras`` (send vLLM's ``top_k``/``structured_outputs``).
 
+    Embedded models take ``speculation`` (``auto``: by dtype, see ``EngineConfig``; ``none``,
+    ``suffix``, ``stand``, ``both``) and ``spec_max_draft``; routes and requests may override it.
+
     Prices are $ per 1M tokens. ``None`` means the default: ``BUILTIN_PRICES`` for the
     built-in models, LiteLLM's cost map for ``litellm``, else 0 (a local model directory or an
     OpenAI-compatible server has no list price: set one in the config for cost reports).
@@ -81,6 +84,8 @@ class ModelSpec:
     context_length: int = 32768
     supports_logprobs: bool = True
     vllm_extras: bool = False
+    speculation: str = "auto"  # embedded: default drafter (EngineConfig.speculation)
+    spec_max_draft: int = 16
 
     def __post_init__(self) -> None:
         for price in (self.price_in_per_mtok, self.price_out_per_mtok):
@@ -171,6 +176,8 @@ def load_engine(
         warmup=warmup,
         price_in_per_mtok=price_in,
         price_out_per_mtok=price_out,
+        speculation=spec.speculation,
+        spec_max_draft=spec.spec_max_draft,
     )
     return EmbeddedEngine(loaded, config)
 

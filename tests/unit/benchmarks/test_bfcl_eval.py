@@ -595,3 +595,23 @@ def test_interrupt_keeps_a_partial_report_to_resume_from(tmp_path: Path) -> None
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["partial"] is True
     assert [(r["id"], r["success"]) for r in saved["records"]] == [("simple_python_0", True)]
+
+
+def test_simulate_cascade_from_single_tier_records() -> None:
+    records = [
+        rec("slm", True, id="a", cost_usd=1.0, valid=True, signals={"mean_prob": 0.9}),
+        rec("llm", True, id="a", cost_usd=4.0, valid=True),
+        rec("slm", False, id="b", cost_usd=1.0, valid=True, signals={"mean_prob": 0.3}),
+        rec("llm", True, id="b", cost_usd=4.0, valid=True),
+        rec("slm", False, id="c", cost_usd=1.0, valid=False, signals={"mean_prob": 0.95}),
+        rec("llm", False, id="c", cost_usd=4.0, valid=True),
+        rec("slm", True, id="d", cost_usd=1.0),  # no llm twin: left out
+    ]
+    sim = be.simulate_cascade(records, "mean_prob", 0.5)
+    assert sim is not None
+    assert sim["items"] == 3
+    assert sim["fallback_rate"] == pytest.approx(2 / 3)  # b (low score), c (invalid)
+    assert sim["accuracy"] == pytest.approx(2 / 3)  # a kept ok, b escalated ok, c escalated bad
+    assert sim["total_cost_usd"] == pytest.approx(3 * 1.0 + 2 * 4.0)
+    assert sim["cps_usd"] == pytest.approx(11.0 / 2)
+    assert be.simulate_cascade(records[:1], "mean_prob", 0.5) is None
