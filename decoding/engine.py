@@ -2,8 +2,12 @@
 
 Loop per step: ask the grammar for forced text (jump-forward) → else mask the logits, pick a
 token → accept it in the grammar → detokenise and watch stop strings → one forward pass with
-the KV cache. Generation runs on one worker thread per model, so concurrent callers queue
-instead of sharing a cache; each request owns its own cache, generator and grammar matcher.
+the KV cache. With speculation, a pass also carries a model-free draft (cut where the grammar
+forbids it) and yields one logits row per drafted token; the same steps then walk those rows
+while the picks equal the draft, and the cache is cropped to what was kept, so the output is
+the plain loop's (``decoding.speculative``). Generation runs on one worker thread per model, so
+concurrent callers queue instead of sharing a cache; each request owns its own cache, generator
+and grammar matcher, while the drafters are shared and learn from every request's output.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,20 +32,43 @@ from decoding.detokenize import IncrementalDetokenizer, StopStrings
 from decoding.grammar import CompiledConstraint, GrammarCompiler, GrammarState
 from decoding.loader import LoadedModel
 from decoding.sampling import Pick, pick_token
+from decoding.speculative import DrafterPool, DraftSession, coupled_sampler
 from decoding.types import (
     Choice,
+    FinishReason,
     GenerationRequest,
     GenerationResult,
     TokenEvent,
     TopLogprob,
 )
-from schemas.errors import ContextLengthError, GenerationCancelled
+from schemas.errors import ContextLengthError, GenerationCancelled, InvalidRequestError
+from spec.stand import StandConfig
+from spec.suffix import SuffixConfig
 
 log = logging.getLogger(__name__)
 
 
+SPECULATION_MODES = ("auto", "none", "suffix", "stand", "both")
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
+    """How one embedded model decodes.
+
+    Speculation (model-free drafts verified losslessly; see ``decoding.speculative``):
+    ``speculation`` is the default for requests that do not set one: ``none``, ``suffix``
+    (SuffixDecoding over the prompt and recent outputs), ``stand`` (STAND n-gram
+    distributions), ``both`` (the draft with more expected accepted tokens), or ``auto``:
+    ``SPECULATION_AUTO`` by the model's dtype. Measured on this CPU (BENCHMARKS.md,
+    "Speculation", tau-bench replay, SmolLM2-135M): in float32 a 16-token pass costs ~2x a
+    1-token pass, greedy output is token-identical and ``suffix`` decodes 2.7x faster, so
+    ``auto`` speculates. In bfloat16 it is about as fast, but a k-token pass rounds
+    differently from k one-token passes and 30% of the outputs drifted from plain decoding,
+    so ``auto`` keeps bf16 exact (``none``); the verify dtype is the model's dtype, and a
+    route that prefers speed sets ``speculation`` explicitly. ``spec_max_draft`` bounds the
+    tokens drafted per pass; ``suffix``/``stand`` configure the drafters.
+    """
+
     name: str
     tier: str = "slm"
     jump_forward: bool = True
@@ -49,10 +76,22 @@ class EngineConfig:
     grammar_cache_size: int = 256
     price_in_per_mtok: float = 0.0
     price_out_per_mtok: float = 0.0
+    speculation: str = "auto"
+    spec_max_draft: int = 16
+    suffix: SuffixConfig = field(default_factory=SuffixConfig)
+    stand: StandConfig = field(default_factory=StandConfig)
 
     def __post_init__(self) -> None:
         if self.grammar_cache_size < 1:
             raise ValueError("grammar_cache_size must be >= 1")
+        if self.speculation not in SPECULATION_MODES:
+            raise ValueError(f"speculation must be one of {SPECULATION_MODES}")
+        if self.spec_max_draft < 0:
+            raise ValueError("spec_max_draft must be >= 0")
+
+
+# ``speculation="auto"`` by model dtype; other dtypes (float16) as bfloat16.
+SPECULATION_AUTO = {"float32": "suffix", "bfloat16": "none"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +142,12 @@ class EmbeddedEngine:
             price_in_per_mtok=config.price_in_per_mtok,
             price_out_per_mtok=config.price_out_per_mtok,
         )
+        self.drafters = DrafterPool(config.suffix, config.stand)
+        self.default_speculation = (
+            config.speculation
+            if config.speculation != "auto"
+            else SPECULATION_AUTO.get(self.info.dtype, "none")
+        )
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{config.name}")
         self._token_text: dict[int, str] = {}
         self.ready = False
@@ -143,6 +188,10 @@ class EmbeddedEngine:
                 "messages or completion.",
                 param="max_tokens",
             )
+        try:
+            self.drafters.names(self.speculation_for(req))
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="speculation") from None
         param = "tools" if isinstance(req.constraint, ToolCalls) else "response_format"
         grammar = self.grammars.compile(req.constraint, param=param)
         return PreparedRequest(req, prompt_ids, grammar, max_tokens or room)
@@ -211,7 +260,12 @@ class EmbeddedEngine:
     def _decode_choice(
         self, prepared: PreparedRequest, index: int, cancel: threading.Event
     ) -> Iterator[TokenEvent | FinishEvent]:
-        params = prepared.request.params
+        """Decode one choice. Each pass forwards the tokens not yet in the cache plus a draft;
+        the rows of that pass are then walked exactly as plain decoding walks its steps (cancel,
+        length, jump-forward, pick, stop token, stop strings, grammar end), and the walk goes
+        on to the next row only while the pick equals the drafted token."""
+        request = prepared.request
+        params = request.params
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -221,43 +275,116 @@ class EmbeddedEngine:
         stops = StopStrings(params.stop)
         n_top = params.top_logprobs if params.logprobs else 0
         cache = DynamicCache()
-        produced = 0
         n_prompt = len(prepared.prompt_ids)
+        limit = prepared.max_new_tokens
+        drafting = self.drafters.session(self.speculation_for(request), prepared.prompt_ids)
+        choose = coupled_sampler(params, generator) if drafting and generator else None
+        context = list(prepared.prompt_ids)  # prompt + output: what the model has seen or will
+        pending = list(prepared.prompt_ids)  # the tail of ``context`` not yet in the cache
+        produced = 0
 
-        with torch.inference_mode():
-            logits = self._forward(prepared.prompt_ids, cache)
-            while True:
-                if cancel.is_set():
-                    raise GenerationCancelled("generation cancelled: the client went away")
-                if produced >= prepared.max_new_tokens:
-                    yield FinishEvent(index, "length", _final_text(detok, stops), n_prompt)
-                    return
-                forced = self._jump_forward(grammar, prepared.max_new_tokens - produced)
-                steps: list[tuple[int, Pick | None]]
-                if forced:
-                    steps = [(t, None) for t in forced]
-                else:
-                    bitmask = grammar.fill_bitmask() if grammar else None
-                    pick = pick_token(logits, bitmask, params, generator, n_top)
-                    if pick.token_id in self.stop_ids:
-                        if grammar is not None:
-                            grammar.accept(pick.token_id)
-                        yield FinishEvent(index, "stop", _final_text(detok, stops), n_prompt)
+        def finish(reason: FinishReason, text: str) -> FinishEvent:
+            spec = drafting.counter.stats() if drafting else None
+            return FinishEvent(index, reason, text, n_prompt, spec)
+
+        try:
+            with torch.inference_mode():
+                while True:
+                    if cancel.is_set():
+                        raise GenerationCancelled("generation cancelled: the client went away")
+                    if produced >= limit:
+                        yield finish("length", _final_text(detok, stops))
                         return
-                    if grammar is not None and not grammar.accept(pick.token_id):
-                        raise RuntimeError(f"grammar rejected allowed token {pick.token_id}")
-                    steps = [(pick.token_id, pick)]
-                for token, step_pick in steps:
-                    produced += 1
-                    released, hit_stop = stops.push(detok.push(token))
-                    yield self._event(index, token, released, step_pick)
-                    if hit_stop:
-                        yield FinishEvent(index, "stop", "", n_prompt)
-                        return
-                if grammar is not None and grammar.is_terminated():
-                    yield FinishEvent(index, "stop", _final_text(detok, stops), n_prompt)
-                    return
-                logits = self._forward([t for t, _ in steps], cache)
+                    draft = self._draft(drafting, context, grammar, limit - produced - 1)
+                    cached = len(context) - len(pending)
+                    rows = self._forward(pending + draft, cache, len(draft) + 1)
+                    emitted: list[int] = []
+                    row = 0
+                    while True:  # one plain decoding step per row
+                        if row and cancel.is_set():
+                            raise GenerationCancelled("generation cancelled: the client went away")
+                        if row and produced >= limit:
+                            yield finish("length", _final_text(detok, stops))
+                            return
+                        forced = self._jump_forward(grammar, limit - produced)
+                        steps: list[tuple[int, Pick | None]]
+                        if forced:
+                            steps = [(t, None) for t in forced]
+                        else:
+                            bitmask = grammar.fill_bitmask() if grammar else None
+                            logits = rows[row]
+                            pick = pick_token(logits, bitmask, params, generator, n_top, choose)
+                            if drafting and drafting.observes:
+                                drafting.observe(context, logits)
+                            if pick.token_id in self.stop_ids:
+                                if grammar is not None:
+                                    grammar.accept(pick.token_id)
+                                self._record(drafting, draft, row, emitted)
+                                yield finish("stop", _final_text(detok, stops))
+                                return
+                            if grammar is not None and not grammar.accept(pick.token_id):
+                                raise RuntimeError(
+                                    f"grammar rejected allowed token {pick.token_id}"
+                                )
+                            steps = [(pick.token_id, pick)]
+                        for token, step_pick in steps:
+                            produced += 1
+                            context.append(token)
+                            emitted.append(token)
+                            released, hit_stop = stops.push(detok.push(token))
+                            yield self._event(index, token, released, step_pick)
+                            if hit_stop:
+                                self._record(drafting, draft, row, emitted)
+                                yield finish("stop", "")
+                                return
+                        if grammar is not None and grammar.is_terminated():
+                            self._record(drafting, draft, row, emitted)
+                            yield finish("stop", _final_text(detok, stops))
+                            return
+                        if forced or row == len(draft) or steps[0][0] != draft[row]:
+                            break
+                        row += 1
+                    # Keep the pending tokens and the accepted drafts; what the walk emitted
+                    # after them (the model's own token or forced text) is fed next pass.
+                    _crop(cache, cached + len(pending) + row)
+                    pending = emitted[row:]
+                    self._record(drafting, draft, row, emitted)
+        finally:
+            if drafting:
+                drafting.close()
+
+    def speculation_for(self, request: GenerationRequest) -> str:
+        """The request's ``speculation`` setting, or the engine's default for this dtype."""
+        return request.speculation or self.default_speculation
+
+    def _draft(
+        self,
+        drafting: DraftSession | None,
+        context: list[int],
+        grammar: GrammarState | None,
+        room: int,
+    ) -> list[int]:
+        """A draft path after ``context``: at most ``room`` (and ``spec_max_draft``) tokens,
+        cut before a stop token and at the first token the grammar forbids."""
+        if drafting is None or room <= 0:
+            return []
+        draft = drafting.propose(context, min(room, self.config.spec_max_draft))
+        for i, token in enumerate(draft):
+            if token in self.stop_ids:
+                draft = draft[:i]
+                break
+        if grammar is not None and draft:
+            draft = draft[: grammar.validate_tokens(draft)]
+        return draft
+
+    @staticmethod
+    def _record(
+        drafting: DraftSession | None, draft: list[int], accepted: int, emitted: list[int]
+    ) -> None:
+        """Count one pass and let the drafters index what it emitted."""
+        if drafting is not None:
+            drafting.counter.record(len(draft), accepted, len(emitted))
+            drafting.extend(emitted)
 
     def _jump_forward(self, grammar: GrammarState | None, budget: int) -> list[int]:
         """Tokens of the text the grammar forces next, all accepted into ``grammar``.
@@ -278,15 +405,16 @@ class EmbeddedEngine:
             accepted.append(token)
         return accepted
 
-    def _forward(self, ids: list[int], cache: DynamicCache) -> torch.Tensor:
-        """Run ``ids`` through the model with ``cache``; logits of the last position (float32)."""
+    def _forward(self, ids: list[int], cache: DynamicCache, keep: int = 1) -> torch.Tensor:
+        """Run ``ids`` through the model with ``cache``; logits of the last ``keep`` positions
+        (``[keep, vocab]``, float32): row ``i`` predicts the token after ``ids[-keep + i]``."""
         out = self.model(
             input_ids=torch.tensor([ids], device=self.model.device),
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
         )
-        logits: torch.Tensor = out.logits[0, -1].float()
+        logits: torch.Tensor = out.logits[0, -keep:].float()
         return logits
 
     def _event(self, index: int, token: int, text: str, pick: Pick | None) -> TokenEvent:
@@ -312,6 +440,7 @@ class EmbeddedEngine:
             choice.text += event.text
             if isinstance(event, FinishEvent):
                 choice.finish_reason = event.reason
+                choice.spec = event.spec
             else:
                 choice.token_ids.append(event.token_id)
                 choice.events.append(event)
@@ -319,6 +448,13 @@ class EmbeddedEngine:
         return GenerationResult(
             [by_index[i] for i in sorted(by_index)], prompt_tokens, self.config.name
         )
+
+
+def _crop(cache: DynamicCache, keep: int) -> None:
+    """Drop cached positions beyond the first ``keep`` (rejected draft tokens)."""
+    extra = cache.get_seq_length() - keep
+    if extra > 0:
+        cache.crop(-extra)
 
 
 def _final_text(detok: IncrementalDetokenizer, stops: StopStrings) -> str:

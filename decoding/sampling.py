@@ -6,6 +6,7 @@ Pure tensor functions (no model, no grammar object) so they are tested on toy lo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,12 +42,15 @@ def pick_token(
     params: SamplingParams,
     generator: torch.Generator | None,
     n_top: int = 0,
+    choose: Callable[[torch.Tensor], int] | None = None,
 ) -> Pick:
     """Choose a token and describe the distribution it came from.
 
     ``logprob``/``entropy``/``top`` use the model's distribution over grammar-allowed tokens
     (renormalised, temperature 1); ``allowed_mass`` is the raw probability mass on those tokens.
-    The choice itself applies temperature, top-k and top-p (argmax when greedy).
+    The choice itself applies temperature, top-k and top-p (argmax when greedy); ``choose``
+    (given the masked logits) replaces the multinomial draw when sampling, so speculative
+    verification draws from the same distribution with its own randomness.
     """
     logits = logits.float()
     masked = mask_logits(logits, bitmask)
@@ -66,7 +70,7 @@ def pick_token(
     if params.greedy or n_allowed == 1:
         token = int(torch.argmax(masked))
     else:
-        token = sample(masked, params, generator)
+        token = choose(masked) if choose else sample(masked, params, generator)
     top: tuple[tuple[int, float], ...] = ()
     if n_top:
         k = min(n_top, n_allowed)
@@ -84,6 +88,11 @@ def pick_token(
 
 def sample(masked: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Temperature, then top-k, then top-p (nucleus), then one multinomial draw."""
+    return int(torch.multinomial(sampling_probs(masked, params), 1, generator=generator))
+
+
+def sampling_probs(masked: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sampling draws from: temperature, then top-k, then top-p (nucleus)."""
     scores = masked / params.temperature
     if params.top_k > 0 and params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
@@ -94,5 +103,4 @@ def sample(masked: torch.Tensor, params: SamplingParams, generator: torch.Genera
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
         drop = cumulative - torch.softmax(sorted_scores, -1) >= params.top_p
         scores = scores.scatter(0, order[drop], -math.inf)
-    probs = torch.softmax(scores, -1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.softmax(scores, -1)

@@ -1,0 +1,1 @@
+"""Tensor hot paths: tree attention masks for draft verification (torch reference + Triton)."""
