@@ -22,11 +22,15 @@ from router.confidence import EarlyFallback
 from router.pre import PreRouter
 from router.router import Route
 
-# Calibrated on BFCL (see BENCHMARKS.md, "Routing"): escalate SLM answers whose geometric-mean
-# token probability is under this value.
-DEFAULT_THRESHOLD = 0.5
+# Calibrated with `slmgate calibrate --target-success-rate 0.5` on a BFCL split (items 10-14 of
+# each category; BENCHMARKS.md, "Routing"): the best-separating signal there was the lowest
+# grammar agreement of the SLM's tokens (AUROC 0.73; mean_prob was inverted, 0.24). Recalibrate
+# on your own traffic: `slmgate calibrate --ledger URL` once tasks report outcomes.
+DEFAULT_SIGNAL = "min_grammar_agreement"
+DEFAULT_THRESHOLD = 0.9986
 DEFAULT_ROUTES = (
-    Route("auto", ("slm", "llm"), policy="cascade", threshold=DEFAULT_THRESHOLD),
+    Route("auto", ("slm", "llm"), policy="cascade", signal=DEFAULT_SIGNAL,
+          threshold=DEFAULT_THRESHOLD),
     Route("pre", ("slm", "llm"), policy="pre"),
 )
 
