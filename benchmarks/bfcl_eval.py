@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from benchmarks import bfcl_data
-from benchmarks.grammar_bench import percentile
+from router.stats import percentile
 
 DEFAULT_POLICIES = ("slm", "llm", "auto", "pre")
 SYSTEM_PROMPT = "Call the provided functions when they answer the request; otherwise reply briefly."

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -31,6 +30,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
+
+from router.stats import percentile
 
 if TYPE_CHECKING:
     from decoding.engine import EmbeddedEngine
@@ -47,20 +48,6 @@ Named = tuple[str, Schema]  # ("Subset/file.json", schema)
 
 
 # ---- pure helpers (unit-tested) ---------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The ``q``-th percentile (0–100) with linear interpolation (numpy's default); ``None`` for
-    no values."""
-    if not 0 <= q <= 100:
-        raise ValueError(f"q must be in [0, 100]: {q}")
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def default_data_dir() -> Path:

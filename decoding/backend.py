@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from decoding.types import FinishReason, GenerationRequest, SpecStats, TokenEvent
+from decoding.types import (
+    Choice,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    SpecStats,
+    TokenEvent,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,3 +50,20 @@ class Backend(Protocol):
         """Stream token events; each choice ends with a ``FinishEvent``. ``prepared`` is what
         the backend's ``prepare(req)`` returned, if the caller called it first."""
         ...
+
+
+def collect(events: Sequence[TokenEvent | FinishEvent], model: str) -> GenerationResult:
+    """Fold a stream of events into per-choice results (``Backend.complete`` for any backend)."""
+    by_index: dict[int, Choice] = {}
+    prompt_tokens = 0
+    for event in events:
+        choice = by_index.setdefault(event.index, Choice(event.index, "", [], [], "stop"))
+        choice.text += event.text
+        if isinstance(event, FinishEvent):
+            choice.finish_reason = event.reason
+            choice.spec = event.spec
+            prompt_tokens = prompt_tokens or event.prompt_tokens
+        else:
+            choice.token_ids.append(event.token_id)
+            choice.events.append(event)
+    return GenerationResult([by_index[i] for i in sorted(by_index)], prompt_tokens, model)

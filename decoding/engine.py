@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from decoding.backend import BackendInfo, FinishEvent
+from decoding.backend import BackendInfo, FinishEvent, collect
 from decoding.chat_template import render_prompt
 from decoding.constraint import ToolCalls
 from decoding.detokenize import IncrementalDetokenizer, StopStrings
@@ -34,7 +34,6 @@ from decoding.loader import LoadedModel
 from decoding.sampling import Pick, pick_token
 from decoding.speculative import DrafterPool, DraftSession, coupled_sampler
 from decoding.types import (
-    Choice,
     FinishReason,
     GenerationRequest,
     GenerationResult,
@@ -434,20 +433,7 @@ class EmbeddedEngine:
         return text
 
     def _collect(self, req: GenerationRequest, events: list[Any]) -> GenerationResult:
-        by_index: dict[int, Choice] = {}
-        for event in events:
-            choice = by_index.setdefault(event.index, Choice(event.index, "", [], [], "stop"))
-            choice.text += event.text
-            if isinstance(event, FinishEvent):
-                choice.finish_reason = event.reason
-                choice.spec = event.spec
-            else:
-                choice.token_ids.append(event.token_id)
-                choice.events.append(event)
-        prompt_tokens = next((e.prompt_tokens for e in events if isinstance(e, FinishEvent)), 0)
-        return GenerationResult(
-            [by_index[i] for i in sorted(by_index)], prompt_tokens, self.config.name
-        )
+        return collect(events, self.config.name)
 
 
 def _crop(cache: DynamicCache, keep: int) -> None:

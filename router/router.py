@@ -29,10 +29,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from decoding.backend import BackendInfo, FinishEvent
+from decoding.backend import BackendInfo, FinishEvent, collect
 from decoding.constraint import JsonObject, JsonSchema, NoConstraint, ToolCalls
 from decoding.types import (
-    Choice,
     GenerationRequest,
     GenerationResult,
     Speculation,
@@ -182,23 +181,6 @@ def is_caller_error(exc: BaseException) -> bool:
         and not exc.retryable
         and not isinstance(exc, ContextLengthError)
     )
-
-
-def collect(events: Sequence[TokenEvent | FinishEvent], model: str) -> GenerationResult:
-    """Fold a stream of events into per-choice results."""
-    by_index: dict[int, Choice] = {}
-    prompt_tokens = 0
-    for event in events:
-        choice = by_index.setdefault(event.index, Choice(event.index, "", [], [], "stop"))
-        choice.text += event.text
-        if isinstance(event, FinishEvent):
-            choice.finish_reason = event.reason
-            choice.spec = event.spec
-            prompt_tokens = prompt_tokens or event.prompt_tokens
-        else:
-            choice.token_ids.append(event.token_id)
-            choice.events.append(event)
-    return GenerationResult([by_index[i] for i in sorted(by_index)], prompt_tokens, model)
 
 
 def _prompt_tokens(prepared: Any) -> int:

@@ -38,7 +38,7 @@ def test_percentile_interpolates_like_numpy_linear() -> None:
 def test_percentile_edge_cases() -> None:
     assert gb.percentile([], 50) is None
     assert gb.percentile([7.0], 95) == 7.0
-    with pytest.raises(ValueError, match="q must be"):
+    with pytest.raises(ValueError, match=r"must be in \[0, 100\]"):
         gb.percentile([1.0], 101)
 
 
