@@ -414,8 +414,8 @@ async def _stream(
             else:
                 started: set[int] = set()
                 async for event in router.stream(plan, req, trace):
-                    token_text = getattr(router.backends.get(trace.attempts[-1].backend)
-                                         if trace.attempts else None, "token_text", None)
+                    source = router.backends.get(trace.streaming_from or "")
+                    token_text = getattr(source, "token_text", None)
                     if event.index not in started:
                         started.add(event.index)
                         trace.mark_first_token()

@@ -109,6 +109,7 @@ class Trace:
     first_token_at: float | None = None  # perf_counter of the first byte of content sent
     pre_score: float | None = None
     answer: Answer | None = None  # set when a stream finished: what it answered with
+    streaming_from: str | None = None  # backend whose tokens a stream is sending now
 
     def mark_first_token(self) -> None:
         if self.first_token_at is None:
@@ -497,6 +498,7 @@ class Router:
             first: float | None = None
             aborted = None
             meter = self.energy.start() if self.energy is not None else None
+            trace.streaming_from = backend.info.name
             source = backend.generate(req, prepared)
             try:
                 async for event in source:

@@ -246,6 +246,7 @@ async def test_free_text_stream_switches_tiers_inside_the_commit_window() -> Non
     assert router.streams_tokens(plan, request)
     seen = [e.text for e in [e async for e in router.stream(plan, request, trace)]]
     assert "".join(seen) == "fine"  # nothing of the aborted SLM attempt reached the client
+    assert trace.streaming_from == "llm"  # whose vocabulary renders the streamed logprobs
     assert trace.answer is not None
     assert trace.answer.fallback_reason == "repetition"
 
