@@ -211,6 +211,7 @@ class _Run:
     first_token: float | None  # perf_counter of its first token
     aborted: str | None = None
     energy: tuple[float, bool] | None = None  # (joules, measured?) when a meter is set
+    record: AttemptRecord | None = None  # its ledger row, once recorded
 
 
 class Router:
@@ -307,14 +308,16 @@ class Router:
                     if kept is None:
                         raise
                     # A later tier failed: the earlier answer is still an answer.
-                    return self._answer(route, kept[0], kept[1], trace, reason)
+                    return self._fall_back_to(route, kept, trace, reason)
                 reason = "backend_error"
                 continue
             decision = None if final else self._escalation_reason(route, req, run)
             self._record_attempt(route, req, backend, trace, run, decision)
             if decision is None:
                 if not _valid(run) and kept is not None and _valid(kept[0]):
-                    return self._answer(route, kept[0], kept[1], trace, reason)
+                    if run.record is not None:  # finished, but not what the caller gets
+                        run.record.outcome, run.record.fallback_reason = "escalated", "invalid"
+                    return self._fall_back_to(route, kept, trace, reason)
                 return self._answer(route, run, backend.info, trace, reason)
             reason = decision
             if not run.aborted and (kept is None or _better(run, kept[0])):
@@ -437,6 +440,7 @@ class Router:
             rec.schema_valid = schema_valid_of(req, run.checks)
             rec.executable = executable_of(run.checks, result)
         rec.fallback_reason = decision
+        run.record = rec
         trace.attempts.append(rec)
 
     def _record_error(
@@ -448,6 +452,15 @@ class Router:
         rec.fallback_reason = "backend_error" if escalate else None
         trace.attempts.append(rec)
         log.warning("tier %s failed for %s: %s", backend.info.name, trace.request_id, rec.error)
+
+    def _fall_back_to(
+        self, route: Route, kept: tuple[_Run, BackendInfo], trace: Trace, reason: str | None
+    ) -> Answer:
+        """Answer with an earlier, escalated attempt; its ledger row becomes the accepted one."""
+        run, info = kept
+        if run.record is not None:
+            run.record.outcome = "accepted"
+        return self._answer(route, run, info, trace, reason)
 
     def _answer(
         self, route: Route, run: _Run, info: BackendInfo, trace: Trace, reason: str | None

@@ -155,15 +155,17 @@ async def test_last_tier_error_is_raised_and_recorded() -> None:
     answer = await router.complete(plan, request, trace)
     # The SLM's (low-confidence but finished) answer is returned rather than a 502.
     assert answer.backend.name == "slm"
-    assert [a.outcome for a in trace.attempts] == ["escalated", "error"]
+    assert [a.outcome for a in trace.attempts] == ["accepted", "error"]
 
 
 async def test_llm_invalid_falls_back_to_the_valid_slm_answer() -> None:
     slm = Scripted("slm", "slm", tokens('{"a": 1}', 0.3))
     llm = Scripted("llm", "llm", tokens('{"a": "no"}', 0.9))
-    answer, _ = await run(Router({"slm": slm, "llm": llm}, {}), CASCADE, req(SCHEMA))
+    answer, trace = await run(Router({"slm": slm, "llm": llm}, {}), CASCADE, req(SCHEMA))
     assert answer.backend.name == "slm"
     assert answer.valid
+    assert [(a.backend, a.outcome) for a in trace.attempts] == [
+        ("slm", "accepted"), ("llm", "escalated")]  # the ledger says which answer was used
 
 
 async def test_early_fallback_aborts_a_looping_slm() -> None:
