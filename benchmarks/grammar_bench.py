@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import statistics
@@ -31,6 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from benchmarks.host import host_info
 from router.stats import percentile
 
 if TYPE_CHECKING:
@@ -432,24 +432,12 @@ def _package_version(name: str) -> str | None:
 def machine_info(dtype: str, device: str) -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_available": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else None,
+        **host_info(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "xgrammar": _package_version("xgrammar"),
         "transformers": _package_version("transformers"),
-        "python": platform.python_version(),
         "dtype": dtype,
         "device": device,
     }

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
+from benchmarks.host import host_info
 from router.ledger import Ledger
 from router.records import AttemptRecord, RequestRecord
 from router.stats import percentile
@@ -31,22 +29,7 @@ SPAN_S = 86400.0  # synthetic traffic covers the last day
 
 def machine() -> dict[str, Any]:
     """CPU model and core counts (what the numbers were measured on)."""
-    cpu = platform.processor() or "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_available": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else None,
-        "python": platform.python_version(),
-        "sqlalchemy": sa.__version__,
-    }
+    return host_info() | {"sqlalchemy": sa.__version__}
 
 
 def synthetic_requests(rows: int, now: float, seed: int = 0) -> Iterator[RequestRecord]:

@@ -7,13 +7,14 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests import postgres
 
 KEY = "sk-test-slmgate"
 
@@ -85,28 +86,16 @@ def server(tmp_path_factory: pytest.TempPathFactory, server_ledger_url: str) -> 
         yield base
 
 
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
 @contextmanager
 def pg_schema() -> Iterator[str]:
-    """A PostgreSQL URL whose connections see only a fresh schema, dropped afterwards."""
+    """A fresh PostgreSQL schema for a server's ledger; skips when PostgreSQL is unreachable."""
     import sqlalchemy as sa
 
-    schema = f"slmgate_it_{uuid.uuid4().hex[:12]}"
-    engine = sa.create_engine(PG_URL)
     try:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        with postgres.pg_schema(prefix="slmgate_it") as url:
+            yield url
     except sa.exc.OperationalError as exc:
         pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}")
-    try:
-        url = sa.make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
 
 
 @pytest.fixture(scope="session")

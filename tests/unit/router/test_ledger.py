@@ -14,7 +14,6 @@ import json
 import math
 import socket
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from router.ledger import Ledger, LedgerUnavailable, batch_rows, records_from_task
 from router.records import AttemptRecord, RequestRecord
+from tests.postgres import pg_schema
 
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 STATS_KEYS = {
     "object", "window", "route", "requests", "errors", "tasks", "tasks_with_outcome",
     "successful_tasks", "success_rate", "cost_usd", "cps_usd", "counterfactual_cost_usd",
@@ -45,22 +44,6 @@ def _pg_reachable() -> bool:
         return False
 
 
-@contextlib.contextmanager
-def pg_schema(base_url: str = PG_URL) -> Iterator[str]:
-    """A URL whose connections see only a fresh schema, dropped afterwards."""
-    schema = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base_url)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        url = sa.make_url(base_url).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
@@ -68,7 +51,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     if not _pg_reachable():
         pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
-    with pg_schema() as url:
+    with pg_schema(prefix="ledger_test") as url:
         yield url
 
 
@@ -593,7 +576,7 @@ class Outage:
         else:
             if not _pg_reachable():
                 pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
-            schema_url = sa.make_url(stack.enter_context(pg_schema()))
+            schema_url = sa.make_url(stack.enter_context(pg_schema(prefix="ledger_test")))
             self.proxy = TcpProxy(("127.0.0.1", 5432))
             stack.callback(self.proxy.down)
             self.url = schema_url.set(port=self.proxy.port).render_as_string(hide_password=False)
