@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from decoding.backend import BackendInfo, FinishEvent, collect
 from decoding.chat_template import render_prompt
@@ -40,7 +41,9 @@ from decoding.types import (
     TokenEvent,
     TopLogprob,
 )
+from kernels.tree_mask import additive_mask, build_tree_mask
 from schemas.errors import ContextLengthError, GenerationCancelled, InvalidRequestError
+from spec.draft import Draft
 from spec.stand import StandConfig
 from spec.suffix import SuffixConfig
 
@@ -65,7 +68,9 @@ class EngineConfig:
     differently from k one-token passes and 30% of the outputs drifted from plain decoding,
     so ``auto`` keeps bf16 exact (``none``); the verify dtype is the model's dtype, and a
     route that prefers speed sets ``speculation`` explicitly. ``spec_max_draft`` bounds the
-    tokens drafted per pass; ``suffix``/``stand`` configure the drafters.
+    tokens drafted per pass; with ``spec_tree`` a pass verifies the drafters' token trees (one
+    forward pass with a tree attention mask, ``kernels.tree_mask``), else their best path;
+    ``suffix``/``stand`` configure the drafters.
     """
 
     name: str
@@ -77,6 +82,7 @@ class EngineConfig:
     price_out_per_mtok: float = 0.0
     speculation: str = "auto"
     spec_max_draft: int = 16
+    spec_tree: bool = True
     suffix: SuffixConfig = field(default_factory=SuffixConfig)
     stand: StandConfig = field(default_factory=StandConfig)
 
@@ -296,13 +302,15 @@ class EmbeddedEngine:
                         return
                     draft = self._draft(drafting, context, grammar, limit - produced - 1)
                     cached = len(context) - len(pending)
-                    rows = self._forward(pending + draft, cache, len(draft) + 1)
+                    rows = self._forward(pending + list(draft.token_ids), cache, draft, cached)
+                    children = _children(draft)
                     emitted: list[int] = []
-                    row = 0
+                    accepted: list[int] = []  # draft nodes kept, root to leaf
+                    node = -1  # the walk's position: -1 is the last pending token
                     while True:  # one plain decoding step per row
-                        if row and cancel.is_set():
+                        if accepted and cancel.is_set():
                             raise GenerationCancelled("generation cancelled: the client went away")
-                        if row and produced >= limit:
+                        if accepted and produced >= limit:
                             yield finish("length", _final_text(detok, stops))
                             return
                         forced = self._jump_forward(grammar, limit - produced)
@@ -311,14 +319,14 @@ class EmbeddedEngine:
                             steps = [(t, None) for t in forced]
                         else:
                             bitmask = grammar.fill_bitmask() if grammar else None
-                            logits = rows[row]
+                            logits = rows[node + 1]
                             pick = pick_token(logits, bitmask, params, generator, n_top, choose)
                             if drafting and drafting.observes:
                                 drafting.observe(context, logits)
                             if pick.token_id in self.stop_ids:
                                 if grammar is not None:
                                     grammar.accept(pick.token_id)
-                                self._record(drafting, draft, row, emitted)
+                                self._record(drafting, draft, accepted, emitted)
                                 yield finish("stop", _final_text(detok, stops))
                                 return
                             if grammar is not None and not grammar.accept(pick.token_id):
@@ -333,21 +341,23 @@ class EmbeddedEngine:
                             released, hit_stop = stops.push(detok.push(token))
                             yield self._event(index, token, released, step_pick)
                             if hit_stop:
-                                self._record(drafting, draft, row, emitted)
+                                self._record(drafting, draft, accepted, emitted)
                                 yield finish("stop", "")
                                 return
                         if grammar is not None and grammar.is_terminated():
-                            self._record(drafting, draft, row, emitted)
+                            self._record(drafting, draft, accepted, emitted)
                             yield finish("stop", _final_text(detok, stops))
                             return
-                        if forced or row == len(draft) or steps[0][0] != draft[row]:
+                        child = None if forced else children.get((node, steps[0][0]))
+                        if child is None:
                             break
-                        row += 1
+                        node = child
+                        accepted.append(child)
                     # Keep the pending tokens and the accepted drafts; what the walk emitted
                     # after them (the model's own token or forced text) is fed next pass.
-                    _crop(cache, cached + len(pending) + row)
-                    pending = emitted[row:]
-                    self._record(drafting, draft, row, emitted)
+                    _keep(cache, cached + len(pending), accepted)
+                    pending = emitted[len(accepted) :]
+                    self._record(drafting, draft, accepted, emitted)
         finally:
             if drafting:
                 drafting.close()
@@ -362,27 +372,21 @@ class EmbeddedEngine:
         context: list[int],
         grammar: GrammarState | None,
         room: int,
-    ) -> list[int]:
-        """A draft path after ``context``: at most ``room`` (and ``spec_max_draft``) tokens,
-        cut before a stop token and at the first token the grammar forbids."""
+    ) -> Draft:
+        """A draft after ``context`` (at most ``spec_max_draft`` nodes, ``room`` deep) without
+        the nodes below a stop token or a token the grammar forbids."""
         if drafting is None or room <= 0:
-            return []
-        draft = drafting.propose(context, min(room, self.config.spec_max_draft))
-        for i, token in enumerate(draft):
-            if token in self.stop_ids:
-                draft = draft[:i]
-                break
-        if grammar is not None and draft:
-            draft = draft[: grammar.validate_tokens(draft)]
-        return draft
+            return Draft.empty()
+        draft = drafting.propose(context, self.config.spec_max_draft, self.config.spec_tree)
+        return prune_draft(draft, room, set(self.stop_ids), grammar)
 
     @staticmethod
     def _record(
-        drafting: DraftSession | None, draft: list[int], accepted: int, emitted: list[int]
+        drafting: DraftSession | None, draft: Draft, accepted: list[int], emitted: list[int]
     ) -> None:
         """Count one pass and let the drafters index what it emitted."""
         if drafting is not None:
-            drafting.counter.record(len(draft), accepted, len(emitted))
+            drafting.counter.record(len(draft), len(accepted), len(emitted))
             drafting.extend(emitted)
 
     def _jump_forward(self, grammar: GrammarState | None, budget: int) -> list[int]:
@@ -404,14 +408,31 @@ class EmbeddedEngine:
             accepted.append(token)
         return accepted
 
-    def _forward(self, ids: list[int], cache: DynamicCache, keep: int = 1) -> torch.Tensor:
-        """Run ``ids`` through the model with ``cache``; logits of the last ``keep`` positions
-        (``[keep, vocab]``, float32): row ``i`` predicts the token after ``ids[-keep + i]``."""
+    def _forward(
+        self,
+        ids: list[int],
+        cache: DynamicCache,
+        draft: Draft | None = None,
+        cached: int = 0,
+    ) -> torch.Tensor:
+        """Run ``ids`` (pending tokens, then ``draft``'s nodes) through the model with ``cache``
+        (holding ``cached`` positions). Returns the logits after the last pending token and
+        after every draft node (``[1 + len(draft), vocab]``, float32). A branching draft is fed
+        with a tree attention mask and tree positions, so each node sees only its ancestors."""
+        n_draft = len(draft) if draft is not None else 0
+        keep = n_draft + 1
+        inputs = torch.tensor([ids], device=self.model.device)
+        extra: dict[str, torch.Tensor] = {}
+        if draft is not None and not draft.is_path():
+            mask, positions = build_tree_mask(
+                draft.parents, cached, len(ids) - n_draft, self.model.device
+            )
+            extra = {
+                "attention_mask": additive_mask(mask, self.model.dtype),
+                "position_ids": positions[None],
+            }
         out = self.model(
-            input_ids=torch.tensor([ids], device=self.model.device),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=keep,
+            input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=keep, **extra
         )
         logits: torch.Tensor = out.logits[0, -keep:].float()
         return logits
@@ -436,11 +457,79 @@ class EmbeddedEngine:
         return collect(events, self.config.name)
 
 
-def _crop(cache: DynamicCache, keep: int) -> None:
-    """Drop cached positions beyond the first ``keep`` (rejected draft tokens)."""
-    extra = cache.get_seq_length() - keep
-    if extra > 0:
-        cache.crop(-extra)
+def prune_draft(
+    draft: Draft, depth: int, stop_ids: set[int], grammar: GrammarState | None
+) -> Draft:
+    """``draft`` without nodes deeper than ``depth``, stop tokens (the end of a turn is the
+    model's own pick, never drafted) and tokens the grammar forbids, with their subtrees.
+
+    The grammar checks each leaf's path once (``validate_tokens`` does not advance the
+    matcher); a node stays when the grammar accepts its whole path from the root.
+    """
+    if not draft.token_ids:
+        return draft
+    paths: list[list[int]] = []
+    alive: list[bool] = []
+    for token, parent in zip(draft.token_ids, draft.parents, strict=True):
+        base = paths[parent] if parent >= 0 else []
+        paths.append([*base, token])
+        alive.append((parent < 0 or alive[parent]) and token not in stop_ids and len(base) < depth)
+    if grammar is not None:
+        is_parent = set(draft.parents)
+        allowed = [False] * len(draft)
+        for leaf in range(len(draft)):
+            if leaf in is_parent and any(
+                alive[c] for c, p in enumerate(draft.parents) if p == leaf
+            ):
+                continue  # its path is checked through a live child
+            if not alive[leaf]:
+                continue
+            valid = grammar.validate_tokens(paths[leaf])
+            node = leaf
+            while node >= 0:
+                if len(paths[node]) <= valid:
+                    allowed[node] = True
+                node = draft.parents[node]
+        alive = [a and ok for a, ok in zip(alive, allowed, strict=True)]
+    kept = [i for i, a in enumerate(alive) if a]
+    if len(kept) == len(draft):
+        return draft
+    new_index = {old: new for new, old in enumerate(kept)}
+    return Draft(
+        tuple(draft.token_ids[i] for i in kept),
+        tuple(new_index.get(draft.parents[i], -1) for i in kept),
+        tuple(draft.scores[i] for i in kept),
+    )
+
+
+def _children(draft: Draft) -> dict[tuple[int, int], int]:
+    """``(parent node, token) -> child node``: where the verification walk goes next."""
+    children: dict[tuple[int, int], int] = {}
+    for i, (token, parent) in enumerate(zip(draft.token_ids, draft.parents, strict=True)):
+        children.setdefault((parent, token), i)
+    return children
+
+
+def _keep(cache: DynamicCache, base: int, accepted: list[int]) -> None:
+    """Keep the first ``base`` cached positions and the accepted draft nodes' rows after them.
+
+    A chain's accepted nodes are its first ones, so the cache is cropped; a tree's accepted
+    branch may sit anywhere among the nodes, so its rows are gathered into place."""
+    if accepted == list(range(len(accepted))):
+        extra = cache.get_seq_length() - base - len(accepted)
+        if extra > 0:
+            cache.crop(-extra)
+        return
+    rows = torch.tensor(accepted, dtype=torch.long) + base
+    for layer in cache.layers:
+        if not isinstance(layer, DynamicLayer):  # the embedded models' caches are dynamic
+            raise TypeError(f"cannot gather rows of a {type(layer).__name__}")
+        keys, values = layer.keys, layer.values
+        if keys is None or values is None:  # a layer that never saw a token
+            continue
+        index = rows.to(keys.device)
+        layer.keys = torch.cat([keys[..., :base, :], keys.index_select(-2, index)], dim=-2)
+        layer.values = torch.cat([values[..., :base, :], values.index_select(-2, index)], dim=-2)
 
 
 def _final_text(detok: IncrementalDetokenizer, stops: StopStrings) -> str:

@@ -29,7 +29,7 @@ import torch
 
 from decoding.sampling import sampling_probs
 from decoding.types import SamplingParams, SpecStats
-from spec.draft import Draft, Drafter
+from spec.draft import Draft, Drafter, merge_drafts
 from spec.stand import StandConfig, StandDrafter
 from spec.suffix import SuffixConfig, SuffixDrafter
 
@@ -162,6 +162,20 @@ def best_path(draft: Draft) -> tuple[list[int], float]:
     return path[::-1], max(value)
 
 
+def _path_draft(draft: Draft, path: Sequence[int]) -> Draft:
+    """``path`` (a root path of ``draft``) as a chain draft carrying its nodes' scores."""
+    scores: list[float] = []
+    node = -1
+    for token in path:
+        node = next(
+            i
+            for i in range(node + 1, len(draft))
+            if draft.parents[i] == node and draft.token_ids[i] == token
+        )
+        scores.append(draft.scores[node])
+    return Draft.path(path, scores)
+
+
 # ---- statistics ---------------------------------------------------------------------------------
 
 
@@ -274,21 +288,29 @@ class DraftSession:
         """Whether a drafter wants the target's distributions seen during verification."""
         return bool(self._stand)
 
-    def propose(self, context: Sequence[int], limit: int) -> list[int]:
-        """A draft path of at most ``limit`` tokens after ``context``: the drafter whose path
-        has the most expected accepted tokens wins (ties: the longer path)."""
+    def propose(self, context: Sequence[int], limit: int, tree: bool = True) -> Draft:
+        """A draft of at most ``limit`` nodes after ``context``.
+
+        With ``tree`` every drafter's tree is merged and cut to the ``limit`` nodes most likely
+        to be accepted (one pass verifies them all); without it, the single root path with the
+        most expected accepted tokens over all drafters (ties: the longer path)."""
         if limit <= 0:
-            return []
+            return Draft.empty()
         started = time.perf_counter()
-        best: tuple[float, int, list[int]] = (0.0, 0, [])
         with self.pool.lock:
-            for drafter in self._drafters:
-                path, value = best_path(drafter.propose(self.req_id, context, limit))
-                path = path[:limit]
-                if (value, len(path)) > best[:2]:
-                    best = (value, len(path), path)
+            drafts = [d.propose(self.req_id, context, limit) for d in self._drafters]
+        if tree:
+            draft = merge_drafts(drafts, limit)
+        else:
+            draft = Draft.empty()
+            best = (0.0, 0)
+            for candidate in drafts:
+                path, value = best_path(candidate)
+                if (value, len(path[:limit])) > best:
+                    best = (value, len(path[:limit]))
+                    draft = _path_draft(candidate, path[:limit])
         self.counter.draft_seconds += time.perf_counter() - started
-        return best[2]
+        return draft
 
     def extend(self, tokens: Sequence[int]) -> None:
         if tokens:

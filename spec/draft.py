@@ -8,12 +8,13 @@ will be accepted (to compare drafters and to size the next draft), and only the 
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Draft", "Drafter"]
+__all__ = ["Draft", "Drafter", "best_nodes", "merge_drafts"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,69 @@ class Draft:
             else:
                 break
         return accepted
+
+
+def best_nodes(draft: Draft, limit: int) -> Draft:
+    """The ``limit`` highest-scoring nodes of ``draft`` that still form a tree (every kept
+    node's parent is kept), grown best-first from the roots; node order is preserved.
+
+    A verification pass costs more the more nodes it carries, so a wide tree is cut to the
+    nodes most likely to be accepted.
+
+    >>> tree = Draft((5, 6, 7, 8), (-1, -1, 0, 1), (0.5, 0.4, 0.45, 0.1))
+    >>> best_nodes(tree, 3).token_ids
+    (5, 6, 7)
+    """
+    if len(draft) <= limit:
+        return draft
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(draft.parents):
+        children.setdefault(parent, []).append(i)
+    frontier = [(-draft.scores[i], i) for i in children.get(-1, [])]
+    heapq.heapify(frontier)
+    kept: list[int] = []
+    while frontier and len(kept) < limit:
+        _, node = heapq.heappop(frontier)
+        kept.append(node)
+        for child in children.get(node, []):
+            heapq.heappush(frontier, (-draft.scores[child], child))
+    kept.sort()
+    new_index = {old: new for new, old in enumerate(kept)}
+    return Draft(
+        tuple(draft.token_ids[i] for i in kept),
+        tuple(new_index[draft.parents[i]] if draft.parents[i] >= 0 else -1 for i in kept),
+        tuple(draft.scores[i] for i in kept),
+    )
+
+
+def merge_drafts(drafts: Sequence[Draft], limit: int) -> Draft:
+    """One tree holding the nodes of every draft (a shared prefix once, with the higher
+    score), cut to its ``limit`` best nodes: how several drafters share one pass.
+
+    >>> a = Draft.path((5, 6), (0.8, 0.5))
+    >>> b = Draft.path((5, 7), (0.6, 0.4))
+    >>> merged = merge_drafts([a, b], 8)
+    >>> merged.token_ids, merged.parents, merged.scores
+    ((5, 6, 7), (-1, 0, 0), (0.8, 0.5, 0.4))
+    """
+    tokens: list[int] = []
+    parents: list[int] = []
+    scores: list[float] = []
+    index: dict[tuple[int, int], int] = {}
+    for draft in drafts:
+        mapped: list[int] = []
+        for token, parent, score in zip(draft.token_ids, draft.parents, draft.scores, strict=True):
+            key = (mapped[parent] if parent >= 0 else -1, token)
+            node = index.get(key)
+            if node is None:
+                node = index[key] = len(tokens)
+                tokens.append(token)
+                parents.append(key[0])
+                scores.append(score)
+            else:
+                scores[node] = max(scores[node], score)
+            mapped.append(node)
+    return best_nodes(Draft(tuple(tokens), tuple(parents), tuple(scores)), limit)
 
 
 @runtime_checkable

@@ -19,6 +19,7 @@ from decoding.engine import EmbeddedEngine
 from decoding.types import Choice, GenerationRequest, SamplingParams
 from decoding.validate import check_output
 from schemas.errors import InvalidRequestError
+from spec.draft import Draft
 from tests.integration.test_engine import TIME, WEATHER, sample_schemas, spec, user
 
 pytestmark = pytest.mark.slow
@@ -137,3 +138,69 @@ def test_unknown_speculation_is_a_400_before_generation(slm: EmbeddedEngine) -> 
         slm.prepare(req)
     assert info.value.param == "speculation"
     assert slm.speculation_for(GenerationRequest(user("hi"))) == "suffix"  # float32: auto
+
+
+class DecoyTreeDrafter:
+    """Knows plain decoding's output and drafts trees whose first branch is always wrong.
+
+    Each proposal puts a decoy root (with a decoy child) first, then the true continuation as
+    a second root path with a decoy sibling under its first node, so every accepted run sits
+    on a later branch: the engine must walk the tree, not the first path, and gather the
+    accepted branch's cache rows into place (a wrong gather changes the next logits).
+    """
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+        self.truth: dict[tuple[int, ...], list[int]] = {}
+        self.prompts: dict[object, tuple[int, ...]] = {}
+
+    def start(self, req_id: object, prompt_ids: Any) -> None:
+        self.prompts[req_id] = tuple(prompt_ids)
+
+    def extend(self, req_id: object, token_ids: Any) -> None:
+        pass
+
+    def propose(self, req_id: object, context_ids: Any, k: int) -> Draft:
+        prompt = self.prompts[req_id]
+        done = len(context_ids) - len(prompt)
+        truth = self.truth.get(prompt, [])[done : done + max(0, k - 3)]
+        if not truth:
+            return Draft.empty()
+        decoy = (truth[0] + 1) % self.vocab
+        tokens = [decoy, (decoy + 1) % self.vocab, truth[0]]
+        parents = [-1, 0, -1]
+        if len(truth) > 1:
+            tokens.append((truth[1] + 1) % self.vocab)
+            parents.append(2)
+        for i, token in enumerate(truth[1:]):
+            tokens.append(token)
+            parents.append(2 if i == 0 else len(tokens) - 2)
+        return Draft(tuple(tokens), tuple(parents), tuple(0.5 for _ in tokens))
+
+    def stop(self, req_id: object) -> None:
+        self.prompts.pop(req_id)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]], ids=["text", "schema", "tools"])
+def test_tree_drafts_are_verified_on_their_accepted_branch(
+    slm: EmbeddedEngine, case: tuple[str, str, Constraint, Any]
+) -> None:
+    plain = run(slm, case, "none")
+    oracle = DecoyTreeDrafter(slm.vocab_size)
+    prompt = slm.prepare(
+        GenerationRequest(user(case[1]), constraint=case[2], tools=case[3])
+    ).prompt_ids
+    oracle.truth[tuple(prompt)] = list(plain.token_ids)
+    slm.drafters.add("decoy-tree", oracle)
+    try:
+        fast = run(slm, case, "decoy-tree")
+    finally:
+        del slm.drafters.drafters["decoy-tree"]
+    assert_same(plain, fast)
+    assert_consistent(fast, "decoy-tree")
+    assert fast.spec is not None
+    # Most output tokens arrived as accepted drafts on a second branch (or as grammar-forced
+    # text, which is emitted without drafting), so few passes were needed.
+    forced = sum(e.forced for e in fast.events)
+    assert fast.spec.accepted + forced >= len(plain.token_ids) // 2
+    assert fast.spec.steps < len(plain.token_ids) // 3

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from spec import Draft, Drafter, StandDrafter, SuffixDrafter
+from spec.draft import best_nodes, merge_drafts
 
 
 def test_path_helpers() -> None:
@@ -80,3 +81,31 @@ def test_accepted_path_follows_matching_children(target: list[int], expected: li
 @pytest.mark.parametrize("drafter", [SuffixDrafter(), StandDrafter()])
 def test_drafters_satisfy_the_protocol(drafter: Drafter) -> None:
     assert isinstance(drafter, Drafter)
+
+
+def test_best_nodes_grows_best_first_and_keeps_parents() -> None:
+    tree = Draft((1, 2, 3, 4, 5), (-1, 0, -1, 2, 3), (0.3, 0.2, 0.9, 0.8, 0.1))
+    cut = best_nodes(tree, 3)
+    assert cut.token_ids == (1, 3, 4)
+    assert cut.parents == (-1, -1, 1)
+    assert cut.scores == (0.3, 0.9, 0.8)
+    assert best_nodes(tree, 5) is tree
+    assert len(best_nodes(tree, 0)) == 0
+
+
+def test_best_nodes_never_keeps_a_child_without_its_parent() -> None:
+    # The child outscores its parent's sibling, but it cannot come before its parent.
+    tree = Draft((1, 2, 3), (-1, -1, 0), (0.4, 0.45, 0.6))
+    assert best_nodes(tree, 1).token_ids == (2,)
+    assert best_nodes(tree, 2).token_ids == (1, 2)
+
+
+def test_merge_shares_prefixes_and_keeps_the_higher_score() -> None:
+    chain = Draft.path((1, 2, 3), (0.9, 0.5, 0.2))
+    tree = Draft((1, 4, 2), (-1, 0, 0), (0.7, 0.6, 0.55))
+    merged = merge_drafts([chain, tree], 8)
+    assert merged.token_ids == (1, 2, 3, 4)
+    assert merged.parents == (-1, 0, 1, 0)
+    assert merged.scores == (0.9, 0.55, 0.2, 0.6)
+    assert merge_drafts([chain, tree], 3).token_ids == (1, 2, 4)
+    assert len(merge_drafts([], 4)) == 0
