@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from decoding.engine import EmbeddedEngine
+from decoding.prefix_cache import PrefixCache
 from decoding.speculative import DrafterPool
 from decoding.types import GenerationRequest, SamplingParams, SpecStats, TokenEvent
 from spec.draft import Draft
@@ -48,6 +49,8 @@ class Run:
     """One request decoded with one drafter."""
 
     tokens: list[int]
+    prompt_tokens: int
+    reused_tokens: int  # prompt positions taken from the prefix cache
     seconds: float  # whole request (prefill included)
     decode_seconds: float  # after the first token
     forward_seconds: float
@@ -69,6 +72,8 @@ class Summary:
     draft_us_per_proposal: float = 0.0
     identical: bool = True
     identical_requests: int = 0
+    prompt_tokens: int = 0
+    reused_prompt_tokens: int = 0
     time_split: dict[str, float] = field(default_factory=dict)
 
 
@@ -80,10 +85,9 @@ def trace_requests(
 ) -> list[GenerationRequest]:
     """The first ``limit`` requests: every assistant turn's prefix, in file order.
 
-    The prompt is bounded so its prefill (paid equally by every drafter, and minutes per
-    request at the traces' full 5-7k tokens on 2 shared cores) does not swamp the decode time
-    being compared: the last ``max_messages`` messages before the turn, each cut to
-    ``max_chars`` characters, plus the system message and the tool definitions if asked for.
+    The prompt may be bounded (its prefill is paid equally by every drafter): the last
+    ``max_messages`` messages before the turn, each cut to ``max_chars`` characters (0: no
+    bound), plus the system message and the tool definitions if asked for.
     """
     requests: list[GenerationRequest] = []
     with path.open(encoding="utf-8") as lines:
@@ -95,7 +99,8 @@ def trace_requests(
                 if message.get("role") != "assistant" or i == 0:
                     continue
                 head = [m for m in messages[:1] if m.get("role") == "system"]
-                tail = messages[max(len(head), i - max_messages) : i]
+                first = len(head) if max_messages <= 0 else max(len(head), i - max_messages)
+                tail = messages[first:i]
                 while tail and tail[0].get("role") == "tool":  # a result without its call
                     tail = tail[1:]
                 kept = [_cut(m, max_chars) for m in (head if system else []) + tail]
@@ -108,7 +113,7 @@ def trace_requests(
 
 def _cut(message: dict[str, Any], max_chars: int) -> dict[str, Any]:
     content = message.get("content")
-    if isinstance(content, str) and len(content) > max_chars:
+    if max_chars > 0 and isinstance(content, str) and len(content) > max_chars:
         return message | {"content": content[:max_chars]}
     return message
 
@@ -119,9 +124,10 @@ def _cut(message: dict[str, Any], max_chars: int) -> dict[str, Any]:
 class ArcticDrafter:
     """``arctic_inference``'s SuffixDecodingCache behind the ``spec.Drafter`` lifecycle."""
 
-    def __init__(self, cache: Any, max_depth: int = 64) -> None:
+    def __init__(self, cache: Any, max_depth: int = 64, tree: bool = False) -> None:
         self.cache = cache
         self.max_depth = max_depth
+        self.tree = tree
         self._ids: dict[Hashable, int] = {}
         self._next = 0
 
@@ -142,22 +148,25 @@ class ArcticDrafter:
             max_spec_factor=1.0,
             max_spec_offset=0.0,
             min_token_prob=0.1,
-            use_tree_spec=False,
+            use_tree_spec=self.tree,
         )
         tokens = list(result.token_ids)[:k]
         scores = [min(1.0, max(0.0, float(p))) for p in list(result.probs)[: len(tokens)]]
-        return Draft.path(tokens, scores)
+        if not self.tree:
+            return Draft.path(tokens, scores)
+        return Draft(tuple(tokens), tuple(int(p) for p in list(result.parents)[:k]), tuple(scores))
 
     def stop(self, req_id: Hashable) -> None:
         self.cache.stop_request(self._ids.pop(req_id))
 
 
-def arctic_drafter() -> ArcticDrafter | None:
+def arctic_drafter(tree: bool) -> ArcticDrafter | None:
     try:
         from arctic_inference.suffix_decoding import SuffixDecodingCache
     except ImportError:
         return None
-    return ArcticDrafter(SuffixDecodingCache(max_tree_depth=64, max_cached_requests=1000))
+    cache = SuffixDecodingCache(max_tree_depth=64, max_cached_requests=1000)
+    return ArcticDrafter(cache, tree=tree)
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -181,11 +190,13 @@ class ForwardTimer:
 
 
 def run_one(engine: EmbeddedEngine, timer: ForwardTimer, req: GenerationRequest) -> Run:
+    reused_before = engine.prefix_cache.stats.tokens_reused if engine.prefix_cache else 0
     timer.seconds = 0.0
     started = time.perf_counter()
     first = 0.0
     tokens: list[int] = []
     spec: SpecStats | None = None
+    prompt_tokens = 0
     for event in engine.generate_sync(req):
         if isinstance(event, TokenEvent):
             if not tokens:
@@ -193,21 +204,25 @@ def run_one(engine: EmbeddedEngine, timer: ForwardTimer, req: GenerationRequest)
             tokens.append(event.token_id)
         else:
             spec = event.spec
+            prompt_tokens = event.prompt_tokens
     ended = time.perf_counter()
     decode = ended - (first or ended)
-    return Run(tokens, ended - started, decode, timer.seconds, spec)
+    reused = (engine.prefix_cache.stats.tokens_reused if engine.prefix_cache else 0) - reused_before
+    return Run(tokens, prompt_tokens, reused, ended - started, decode, timer.seconds, spec)
 
 
 def warm_up(
     engine: EmbeddedEngine, timer: ForwardTimer, req: GenerationRequest, params: SamplingParams
 ) -> None:
     """The first passes at a new prompt size run several times slower on these VMs: pay that
-    once, plainly and speculatively, with a throwaway pool, before anything is measured."""
-    pools = engine.drafters
+    once, plainly and speculatively, with a throwaway pool and prefix cache, before anything
+    is measured."""
+    pools, prefix = engine.drafters, engine.prefix_cache
     engine.drafters = DrafterPool()
+    engine.prefix_cache = PrefixCache(engine.config.prefill_block) if prefix else None
     for mode in ("none", "suffix", "suffix"):
         run_one(engine, timer, replace(req, params=params, speculation=mode))
-    engine.drafters = pools
+    engine.drafters, engine.prefix_cache = pools, prefix
 
 
 def rotate(items: list[str], by: int) -> Iterator[str]:
@@ -246,6 +261,8 @@ def summarise(name: str, runs: list[Run], plain: list[Run]) -> Summary:
         draft_us_per_proposal=draft_s * 1e6 / steps if steps else 0.0,
         identical=same == len(runs),
         identical_requests=same,
+        prompt_tokens=sum(r.prompt_tokens for r in runs),
+        reused_prompt_tokens=sum(r.reused_tokens for r in runs),
         time_split={
             "forward": forward_s / seconds if seconds else 0.0,
             "drafter": draft_s / seconds if seconds else 0.0,
@@ -300,6 +317,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (1 avoids OpenMP spin-waits on a shared machine)")
     parser.add_argument("--max-draft", type=int, default=None, help="EngineConfig.spec_max_draft")
+    parser.add_argument("--paths", action="store_true",
+                        help="verify each drafter's best path instead of its whole tree")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="prefill every prompt whole (no reuse across requests)")
     return parser.parse_args(argv)
 
 
@@ -312,14 +333,18 @@ def main(argv: list[str] | None = None) -> int:
     engine = load_engine(ModelSpec(args.model, MODELS[args.model], dtype=args.dtype))
     if args.max_draft is not None:
         engine.config = replace(engine.config, spec_max_draft=args.max_draft)
+    engine.config = replace(engine.config, spec_tree=not args.paths)
     names = [d.strip() for d in args.drafters.split(",") if d.strip()]
     if "plain" not in names:
         names.insert(0, "plain")
     pools: dict[str, DrafterPool] = {}
+    prefixes: dict[str, PrefixCache | None] = {}
     for name in names:
         pools[name] = DrafterPool(engine.config.suffix, engine.config.stand)
+        # Each drafter warms its own prefix cache, so none profits from another's prefills.
+        prefixes[name] = None if args.no_prefix_cache else PrefixCache(engine.config.prefill_block)
         if name == "arctic":
-            reference = arctic_drafter()
+            reference = arctic_drafter(tree=not args.paths)
             if reference is None:
                 print("arctic: arctic_inference not installed; skipped", file=sys.stderr)
                 continue
@@ -330,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     timer = ForwardTimer(engine)
+    if args.no_prefix_cache:
+        engine.prefix_cache = None
     warm_up(engine, timer, requests[0], params)
     load_before = os.getloadavg()
     runs: dict[str, list[Run]] = {n: [] for n in names}
@@ -337,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in rotate(names, i):
             mode = "none" if name == "plain" else name
             engine.drafters = pools[name]
+            engine.prefix_cache = prefixes[name]
             req = GenerationRequest(
                 base.messages, params, tools=base.tools, request_id=base.request_id,
                 speculation=mode,  # type: ignore[arg-type]  # "arctic": a registered drafter
@@ -350,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(summaries))
     print(
         f"\n{len(requests)} requests, model {args.model} ({args.dtype}), max_tokens "
-        f"{args.max_tokens}, spec_max_draft {engine.config.spec_max_draft}; machine {info}"
+        f"{args.max_tokens}, spec_max_draft {engine.config.spec_max_draft}, "
+        f"{'paths' if args.paths else 'trees'}; prompt tokens "
+        f"{summaries[0].prompt_tokens}, reused from the prefix cache "
+        f"{summaries[0].reused_prompt_tokens}; machine {info}"
     )
     if args.json:
         args.json.write_text(
@@ -362,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                     "per_request": {
                         n: [
                             {"tokens": len(r.tokens), "seconds": r.seconds,
+                             "prompt_tokens": r.prompt_tokens, "reused": r.reused_tokens,
                              "decode_seconds": r.decode_seconds,
                              "spec": asdict(r.spec) if r.spec else None}
                             for r in runs[n]

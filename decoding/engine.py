@@ -2,12 +2,15 @@
 
 Loop per step: ask the grammar for forced text (jump-forward) → else mask the logits, pick a
 token → accept it in the grammar → detokenise and watch stop strings → one forward pass with
-the KV cache. With speculation, a pass also carries a model-free draft (cut where the grammar
-forbids it) and yields one logits row per drafted token; the same steps then walk those rows
-while the picks equal the draft, and the cache is cropped to what was kept, so the output is
-the plain loop's (``decoding.speculative``). Generation runs on one worker thread per model, so
-concurrent callers queue instead of sharing a cache; each request owns its own cache, generator
-and grammar matcher, while the drafters are shared and learn from every request's output.
+the KV cache. With speculation, a pass also carries a model-free draft tree (pruned where the
+grammar forbids it; a branching tree is fed with a tree attention mask) and yields one logits
+row per node; the same steps then walk from the root to the child whose token the model picks,
+and the cache keeps only that branch, so the output is the plain loop's
+(``decoding.speculative``). Prompts are prefilled in position-aligned blocks that a prefix
+cache reuses across requests (``decoding.prefix_cache``). Generation runs on one worker thread
+per model, so concurrent callers queue instead of sharing a cache; each request owns its own
+cache, generator and grammar matcher, while the drafters are shared and learn from every
+request's output.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from decoding.constraint import ToolCalls
 from decoding.detokenize import IncrementalDetokenizer, StopStrings
 from decoding.grammar import CompiledConstraint, GrammarCompiler, GrammarState
 from decoding.loader import LoadedModel
+from decoding.prefix_cache import PrefixCache
 from decoding.sampling import Pick, pick_token
 from decoding.speculative import DrafterPool, DraftSession, coupled_sampler
 from decoding.types import (
@@ -71,6 +75,11 @@ class EngineConfig:
     tokens drafted per pass; with ``spec_tree`` a pass verifies the drafters' token trees (one
     forward pass with a tree attention mask, ``kernels.tree_mask``), else their best path;
     ``suffix``/``stand`` configure the drafters.
+
+    Prompts are prefilled in ``prefill_block``-token blocks aligned to absolute positions, and
+    the rows of up to ``prefix_cache_tokens`` recent prompt tokens are kept so a request that
+    shares whole blocks with an earlier prompt (an agent's next turn) prefills only the rest
+    (``decoding.prefix_cache``; exact: a hit yields the tensors a miss computes); 0 disables it.
     """
 
     name: str
@@ -83,6 +92,8 @@ class EngineConfig:
     speculation: str = "auto"
     spec_max_draft: int = 16
     spec_tree: bool = True
+    prefill_block: int = 256
+    prefix_cache_tokens: int = 32768
     suffix: SuffixConfig = field(default_factory=SuffixConfig)
     stand: StandConfig = field(default_factory=StandConfig)
 
@@ -93,6 +104,10 @@ class EngineConfig:
             raise ValueError(f"speculation must be one of {SPECULATION_MODES}")
         if self.spec_max_draft < 0:
             raise ValueError("spec_max_draft must be >= 0")
+        if self.prefill_block < 1:
+            raise ValueError("prefill_block must be >= 1")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError("prefix_cache_tokens must be >= 0")
 
 
 # ``speculation="auto"`` by model dtype; other dtypes (float16) as bfloat16.
@@ -148,6 +163,11 @@ class EmbeddedEngine:
             price_out_per_mtok=config.price_out_per_mtok,
         )
         self.drafters = DrafterPool(config.suffix, config.stand)
+        self.prefix_cache = (
+            PrefixCache(config.prefill_block, config.prefix_cache_tokens)
+            if config.prefix_cache_tokens
+            else None
+        )
         self.default_speculation = (
             config.speculation
             if config.speculation != "auto"
@@ -279,13 +299,11 @@ class EmbeddedEngine:
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(params.stop)
         n_top = params.top_logprobs if params.logprobs else 0
-        cache = DynamicCache()
         n_prompt = len(prepared.prompt_ids)
         limit = prepared.max_new_tokens
         drafting = self.drafters.session(self.speculation_for(request), prepared.prompt_ids)
         choose = coupled_sampler(params, generator) if drafting and generator else None
         context = list(prepared.prompt_ids)  # prompt + output: what the model has seen or will
-        pending = list(prepared.prompt_ids)  # the tail of ``context`` not yet in the cache
         produced = 0
 
         def finish(reason: FinishReason, text: str) -> FinishEvent:
@@ -294,6 +312,8 @@ class EmbeddedEngine:
 
         try:
             with torch.inference_mode():
+                cache, prefilled = self._prefill(prepared.prompt_ids, cancel)
+                pending = context[prefilled:]  # the tail of ``context`` not yet in the cache
                 while True:
                     if cancel.is_set():
                         raise GenerationCancelled("generation cancelled: the client went away")
@@ -365,6 +385,23 @@ class EmbeddedEngine:
     def speculation_for(self, request: GenerationRequest) -> str:
         """The request's ``speculation`` setting, or the engine's default for this dtype."""
         return request.speculation or self.default_speculation
+
+    def _prefill(self, prompt_ids: list[int], cancel: threading.Event) -> tuple[DynamicCache, int]:
+        """Cache the prompt's whole blocks but the last token's (stored ones are reused, new
+        ones stored); the rest is fed by the first decoding pass. Returns the cache and how
+        many positions it holds."""
+        block = self.config.prefill_block
+        start, cache = (
+            self.prefix_cache.lookup(prompt_ids) if self.prefix_cache else (0, DynamicCache())
+        )
+        end = (max(len(prompt_ids) - 1, 0) // block) * block
+        for offset in range(start, end, block):
+            if cancel.is_set():
+                raise GenerationCancelled("generation cancelled: the client went away")
+            self._forward(prompt_ids[offset : offset + block], cache)
+        if self.prefix_cache is not None and end > start:
+            self.prefix_cache.store(prompt_ids, cache)
+        return cache, end
 
     def _draft(
         self,

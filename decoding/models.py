@@ -60,6 +60,7 @@ class ModelSpec:
 
     Embedded models take ``speculation`` (``auto``: by dtype, see ``EngineConfig``; ``none``,
     ``suffix``, ``stand``, ``both``) and ``spec_max_draft``; routes and requests may override it.
+    ``prefix_cache_tokens`` bounds the prompt rows kept for reuse by later requests (0: off).
 
     Prices are $ per 1M tokens. ``None`` means the default: ``BUILTIN_PRICES`` for the
     built-in models, LiteLLM's cost map for ``litellm``, else 0 (a local model directory or an
@@ -86,6 +87,7 @@ class ModelSpec:
     vllm_extras: bool = False
     speculation: str = "auto"  # embedded: default drafter (EngineConfig.speculation)
     spec_max_draft: int = 16
+    prefix_cache_tokens: int = 32768  # embedded: prompt rows kept for reuse (0: off)
 
     def __post_init__(self) -> None:
         for price in (self.price_in_per_mtok, self.price_out_per_mtok):
@@ -120,6 +122,8 @@ class ModelSpec:
             )
         if not self.source:
             raise ValueError(f"model {self.name!r}: embedded models need a source")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError(f"model {self.name!r}: prefix_cache_tokens must be >= 0")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16: {self.dtype!r}")
         if not self.source.startswith("builtin:") and not Path(self.source).exists():
@@ -178,6 +182,7 @@ def load_engine(
         price_out_per_mtok=price_out,
         speculation=spec.speculation,
         spec_max_draft=spec.spec_max_draft,
+        prefix_cache_tokens=spec.prefix_cache_tokens,
     )
     return EmbeddedEngine(loaded, config)
 
