@@ -39,6 +39,7 @@ class FinishEvent:
     text: str = ""
     prompt_tokens: int = 0
     spec: SpecStats | None = None  # set when the choice was decoded with speculation
+    cached_tokens: int = 0  # prompt positions reused from the prefix cache
 
 
 class Backend(Protocol):
@@ -56,6 +57,7 @@ def collect(events: Sequence[TokenEvent | FinishEvent], model: str) -> Generatio
     """Fold a stream of events into per-choice results (``Backend.complete`` for any backend)."""
     by_index: dict[int, Choice] = {}
     prompt_tokens = 0
+    cached_tokens: int | None = None  # the first choice's, as the prompt is counted once
     for event in events:
         choice = by_index.setdefault(event.index, Choice(event.index, "", [], [], "stop"))
         choice.text += event.text
@@ -63,7 +65,9 @@ def collect(events: Sequence[TokenEvent | FinishEvent], model: str) -> Generatio
             choice.finish_reason = event.reason
             choice.spec = event.spec
             prompt_tokens = prompt_tokens or event.prompt_tokens
+            cached_tokens = event.cached_tokens if cached_tokens is None else cached_tokens
         else:
             choice.token_ids.append(event.token_id)
             choice.events.append(event)
-    return GenerationResult([by_index[i] for i in sorted(by_index)], prompt_tokens, model)
+    choices = [by_index[i] for i in sorted(by_index)]
+    return GenerationResult(choices, prompt_tokens, model, cached_tokens or 0)

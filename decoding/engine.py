@@ -300,6 +300,7 @@ class EmbeddedEngine:
         stops = StopStrings(params.stop)
         n_top = params.top_logprobs if params.logprobs else 0
         n_prompt = len(prepared.prompt_ids)
+        reused = 0  # prompt positions taken from the prefix cache
         limit = prepared.max_new_tokens
         drafting = self.drafters.session(self.speculation_for(request), prepared.prompt_ids)
         choose = coupled_sampler(params, generator) if drafting and generator else None
@@ -308,11 +309,11 @@ class EmbeddedEngine:
 
         def finish(reason: FinishReason, text: str) -> FinishEvent:
             spec = drafting.counter.stats() if drafting else None
-            return FinishEvent(index, reason, text, n_prompt, spec)
+            return FinishEvent(index, reason, text, n_prompt, spec, reused)
 
         try:
             with torch.inference_mode():
-                cache, prefilled = self._prefill(prepared.prompt_ids, cancel)
+                cache, reused, prefilled = self._prefill(prepared.prompt_ids, cancel)
                 pending = context[prefilled:]  # the tail of ``context`` not yet in the cache
                 while True:
                     if cancel.is_set():
@@ -386,10 +387,12 @@ class EmbeddedEngine:
         """The request's ``speculation`` setting, or the engine's default for this dtype."""
         return request.speculation or self.default_speculation
 
-    def _prefill(self, prompt_ids: list[int], cancel: threading.Event) -> tuple[DynamicCache, int]:
+    def _prefill(
+        self, prompt_ids: list[int], cancel: threading.Event
+    ) -> tuple[DynamicCache, int, int]:
         """Cache the prompt's whole blocks but the last token's (stored ones are reused, new
-        ones stored); the rest is fed by the first decoding pass. Returns the cache and how
-        many positions it holds."""
+        ones stored); the rest is fed by the first decoding pass. Returns the cache, how many
+        positions came from the prefix cache and how many it holds."""
         block = self.config.prefill_block
         start, cache = (
             self.prefix_cache.lookup(prompt_ids) if self.prefix_cache else (0, DynamicCache())
@@ -401,7 +404,7 @@ class EmbeddedEngine:
             self._forward(prompt_ids[offset : offset + block], cache)
         if self.prefix_cache is not None and end > start:
             self.prefix_cache.store(prompt_ids, cache)
-        return cache, end
+        return cache, start, end
 
     def _draft(
         self,

@@ -360,6 +360,7 @@ def result_from_response(
         raise UpstreamError(f"backend {name}: the response has no choices")
     usage = data.get("usage") or {}
     prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    cached_tokens = cached_of(usage)
     choices: list[Choice] = []
     for position, raw in enumerate(raw_choices):
         if not isinstance(raw, dict) or not isinstance(raw.get("message"), dict):
@@ -387,7 +388,13 @@ def result_from_response(
         for choice, share in zip(blind, _split(total, [len(c.text) for c in blind]), strict=True):
             choice.token_ids = [-1] * share
     choices.sort(key=lambda c: c.index)
-    return GenerationResult(choices, prompt_tokens, name)
+    return GenerationResult(choices, prompt_tokens, name, cached_tokens)
+
+
+def cached_of(usage: Mapping[str, Any]) -> int:
+    """``usage.prompt_tokens_details.cached_tokens`` (vLLM and OpenAI report prefix hits)."""
+    details = usage.get("prompt_tokens_details")
+    return int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
 
 
 def events_of(result: GenerationResult) -> list[TokenEvent | FinishEvent]:
@@ -398,7 +405,15 @@ def events_of(result: GenerationResult) -> list[TokenEvent | FinishEvent]:
         carried = "".join(e.text for e in choice.events)
         out.extend(choice.events)
         rest = choice.text[len(carried) :] if choice.text.startswith(carried) else choice.text
-        out.append(FinishEvent(choice.index, choice.finish_reason, rest, result.prompt_tokens))
+        out.append(
+            FinishEvent(
+                choice.index,
+                choice.finish_reason,
+                rest,
+                result.prompt_tokens,
+                cached_tokens=result.cached_tokens,
+            )
+        )
     return out
 
 
@@ -445,7 +460,7 @@ class StreamAssembler:
         self.emitted = self.emitted or bool(content)
         return events
 
-    def finish(self, prompt_tokens: int) -> FinishEvent:
+    def finish(self, prompt_tokens: int, cached_tokens: int = 0) -> FinishEvent:
         calls = [
             {"function": {"name": c["name"], "arguments": c["arguments"]}}
             for _, c in sorted(self.calls.items())
@@ -453,7 +468,7 @@ class StreamAssembler:
         text = render_tool_calls("", calls)
         if text and self.emitted:
             text = "\n" + text
-        return FinishEvent(self.index, self.reason, text, prompt_tokens)
+        return FinishEvent(self.index, self.reason, text, prompt_tokens, None, cached_tokens)
 
 
 def stream_error(body: Mapping[str, Any], backend: str) -> SlmgateError:
@@ -757,7 +772,7 @@ class OpenAICompatBackend(RemoteBackend):
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
         name = self.config.name
         choices: dict[int, StreamAssembler] = {}
-        prompt_tokens = 0
+        prompt_tokens = cached_tokens = 0
         done = False
         with self._transport_errors():
             async for line in response.aiter_lines():
@@ -778,6 +793,7 @@ class OpenAICompatBackend(RemoteBackend):
                 usage = chunk.get("usage")
                 if isinstance(usage, dict):
                     prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    cached_tokens = cached_of(usage)
                 for position, choice in enumerate(chunk.get("choices") or []):
                     if not isinstance(choice, dict):
                         continue
@@ -788,7 +804,7 @@ class OpenAICompatBackend(RemoteBackend):
         if not choices or not (done or all(c.finished for c in choices.values())):
             raise UpstreamError(f"backend {name}: the stream ended before the answer did")
         for index in sorted(choices):
-            yield choices[index].finish(prompt_tokens)
+            yield choices[index].finish(prompt_tokens, cached_tokens)
 
     @contextlib.contextmanager
     def _transport_errors(self) -> Iterator[None]:

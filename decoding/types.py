@@ -128,6 +128,7 @@ class GenerationResult:
     choices: list[Choice]
     prompt_tokens: int
     model: str
+    cached_tokens: int = 0  # of ``prompt_tokens``, reused from an earlier request's KV
 
     @property
     def completion_tokens(self) -> int:

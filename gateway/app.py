@@ -55,6 +55,7 @@ from schemas.chat import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     Usage,
 )
 from schemas.errors import (
@@ -398,7 +399,7 @@ async def _stream(
             payload.usage = None
         return sse(payload)
 
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = cached_tokens = 0
     answer: Answer | None = None
     failure: BaseException | None = None
     gw.in_flight += 1
@@ -408,6 +409,7 @@ async def _stream(
                 answer = await router.complete(plan, req, trace)
                 prompt_tokens = answer.result.prompt_tokens
                 completion_tokens = answer.result.completion_tokens
+                cached_tokens = answer.result.cached_tokens
                 trace.mark_first_token()
                 for text in _answer_chunks(answer, wire, _token_text(router, answer), chunk):
                     yield text
@@ -422,6 +424,8 @@ async def _stream(
                         delta = ChoiceDelta(role="assistant", content="")
                         yield chunk([ChatCompletionChunkChoice(index=event.index, delta=delta)])
                     if isinstance(event, FinishEvent):
+                        if not prompt_tokens:  # the first choice's, as in a whole response
+                            cached_tokens = event.cached_tokens
                         prompt_tokens = event.prompt_tokens
                         if event.text:
                             yield chunk([ChatCompletionChunkChoice(
@@ -438,7 +442,11 @@ async def _stream(
                             logprobs=logprobs)])  # fmt: skip
                 answer = trace.answer
         if usage_on:
-            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+            usage = Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+            )
             yield chunk([], usage=usage)
     except TimeoutError:
         failure = RequestTimeoutError("the request timed out")

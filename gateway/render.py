@@ -16,6 +16,7 @@ from schemas.chat import (
     ChoiceLogprobs,
     FinishReason,
     FunctionCall,
+    PromptTokensDetails,
     ResponseMessage,
     TokenLogprob,
     ToolCall,
@@ -150,6 +151,7 @@ def response_of(
     usage = Usage(
         prompt_tokens=answer.result.prompt_tokens,
         completion_tokens=answer.result.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=answer.result.cached_tokens),
     )
     return ChatCompletionResponse(
         model=model, choices=choices, usage=usage, slmgate=slmgate_facts(answer)

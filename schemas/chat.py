@@ -469,12 +469,19 @@ class ChatCompletionChoice(OpenAIBaseModel):
     finish_reason: FinishReason
 
 
+class PromptTokensDetails(OpenAIBaseModel):
+    """``cached_tokens``: prompt tokens whose KV was reused from an earlier request."""
+
+    cached_tokens: int = Field(default=0, ge=0)
+
+
 class Usage(OpenAIBaseModel):
     """Token counts; ``total_tokens`` is filled in when the producer leaves it out."""
 
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     total_tokens: int = Field(default=0, ge=0)
+    prompt_tokens_details: PromptTokensDetails | None = None
 
     @model_validator(mode="after")
     def _fill_total(self) -> Usage:

@@ -221,3 +221,39 @@ def test_client_disconnect_stops_generation(server: str, client: openai.OpenAI) 
     assert r.choices[0].message.content is not None
     # 2000 tokens would take minutes on this CPU; a freed model answers in seconds.
     assert time.monotonic() - started < 60
+
+
+def test_a_later_turn_reports_its_reused_prompt_as_cached_tokens(client: openai.OpenAI) -> None:
+    """An agent's next turn re-sends the conversation: its whole shared 256-token blocks come
+    from the prefix cache, reported as OpenAI does (``usage.prompt_tokens_details``)."""
+    policy = " ".join(f"Rule {i}: answer in one short sentence about topic {i}." for i in range(40))
+    first = [{"role": "system", "content": policy}, {"role": "user", "content": "Hi there."}]
+    r1 = client.chat.completions.create(
+        model="slm", messages=first, max_tokens=8, temperature=0  # type: ignore[arg-type]
+    )
+    assert r1.usage is not None
+    assert r1.usage.prompt_tokens > 512
+    assert r1.usage.prompt_tokens_details is not None
+    second = [
+        *first,
+        {"role": "assistant", "content": r1.choices[0].message.content or ""},
+        {"role": "user", "content": "And topic 3?"},
+    ]
+    r2 = client.chat.completions.create(
+        model="slm", messages=second, max_tokens=8, temperature=0  # type: ignore[arg-type]
+    )
+    assert r2.usage is not None
+    assert r2.usage.prompt_tokens_details is not None
+    cached = r2.usage.prompt_tokens_details.cached_tokens or 0
+    assert cached >= 512  # the system prompt's whole blocks, at least
+    assert cached % 256 == 0
+    assert cached < r2.usage.prompt_tokens
+    stream = client.chat.completions.create(
+        model="slm", messages=second, max_tokens=8, temperature=0, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    usage = [c.usage for c in stream if c.usage is not None]
+    assert len(usage) == 1
+    assert usage[0].prompt_tokens_details is not None
+    assert usage[0].prompt_tokens_details.cached_tokens >= cached
+    assert usage[0].prompt_tokens == r2.usage.prompt_tokens
