@@ -33,6 +33,7 @@ from decoding.engine import EmbeddedEngine
 from decoding.prefix_cache import PrefixCache
 from decoding.speculative import DrafterPool
 from decoding.types import GenerationRequest, SamplingParams, SpecStats, TokenEvent
+from schemas.errors import ContextLengthError
 from spec.draft import Draft
 
 DEFAULT_TRACES = (
@@ -225,6 +226,21 @@ def warm_up(
     engine.drafters, engine.prefix_cache = pools, prefix
 
 
+def fitting(
+    engine: EmbeddedEngine, requests: list[GenerationRequest], max_tokens: int
+) -> tuple[list[GenerationRequest], int]:
+    """The requests whose prompt plus ``max_tokens`` fit the model's context, and how many did
+    not (late turns of long conversations outgrow SmolLM2's 8k tokens)."""
+    kept: list[GenerationRequest] = []
+    for req in requests:
+        try:
+            engine.prepare(replace(req, params=SamplingParams(max_tokens=max_tokens)))
+        except ContextLengthError:
+            continue
+        kept.append(req)
+    return kept, len(requests) - len(kept)
+
+
 def rotate(items: list[str], by: int) -> Iterator[str]:
     for i in range(len(items)):
         yield items[(i + by) % len(items)]
@@ -350,9 +366,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             pools[name].add("arctic", reference)
     names = [n for n in names if n != "arctic" or "arctic" in pools[n].drafters]
-    requests = trace_requests(
-        args.traces, args.limit, args.max_messages, args.max_chars, args.system, args.tools
+    requests, skipped = fitting(
+        engine,
+        trace_requests(
+            args.traces, args.limit, args.max_messages, args.max_chars, args.system, args.tools
+        ),
+        args.max_tokens,
     )
+    if skipped:
+        print(f"skipped {skipped} requests longer than the model's context", file=sys.stderr)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     timer = ForwardTimer(engine)
     if args.no_prefix_cache:
@@ -377,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine() | {"load_average_before": load_before}
     print(markdown(summaries))
     print(
-        f"\n{len(requests)} requests, model {args.model} ({args.dtype}), max_tokens "
+        f"\n{len(requests)} requests ({skipped} skipped: longer than the context), "
+        f"model {args.model} ({args.dtype}), max_tokens "
         f"{args.max_tokens}, spec_max_draft {engine.config.spec_max_draft}, "
         f"{'paths' if args.paths else 'trees'}; prompt tokens "
         f"{summaries[0].prompt_tokens}, reused from the prefix cache "
@@ -389,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "args": {k: str(v) for k, v in vars(args).items()},
                     "machine": info,
+                    "skipped": skipped,
                     "summaries": [asdict(s) for s in summaries],
                     "per_request": {
                         n: [

@@ -42,7 +42,11 @@ def _from_dir(path: Path, dtype: torch.dtype, device: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    from decoding.attention import ATTENTION
+
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=ATTENTION
+    )
     model = model.to(device)
     model.eval()
     return model, tokenizer
