@@ -335,6 +335,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-draft", type=int, default=None, help="EngineConfig.spec_max_draft")
     parser.add_argument("--paths", action="store_true",
                         help="verify each drafter's best path instead of its whole tree")
+    parser.add_argument("--suffix-tree", action="store_true",
+                        help="SuffixDecoding drafts best-first trees (SuffixConfig.use_tree)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="prefill every prompt whole (no reuse across requests)")
     return parser.parse_args(argv)
@@ -350,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_draft is not None:
         engine.config = replace(engine.config, spec_max_draft=args.max_draft)
     engine.config = replace(engine.config, spec_tree=not args.paths)
+    if args.suffix_tree:
+        engine.config = replace(
+            engine.config, suffix=replace(engine.config.suffix, use_tree=True)
+        )
     names = [d.strip() for d in args.drafters.split(",") if d.strip()]
     if "plain" not in names:
         names.insert(0, "plain")

@@ -66,9 +66,10 @@ class EngineConfig:
     (SuffixDecoding over the prompt and recent outputs), ``stand`` (STAND n-gram
     distributions), ``both`` (the draft with more expected accepted tokens), or ``auto``:
     ``SPECULATION_AUTO`` by the model's dtype. Measured on this CPU (BENCHMARKS.md,
-    "Speculation", tau-bench replay, SmolLM2-135M): in float32 a 16-token pass costs ~2x a
-    1-token pass, greedy output is token-identical and ``suffix`` decodes 2.7x faster, so
-    ``auto`` speculates. In bfloat16 it is about as fast, but a k-token pass rounds
+    "Speculation", tau-bench replay with full prompts, SmolLM2-135M): in float32 a 16-token
+    pass at a 5k context costs ~1.9x a 1-token pass, greedy output is token-identical and
+    ``suffix`` decodes 4.8x faster (2.2x whole requests, prefill included), so ``auto``
+    speculates. In bfloat16 it is about as fast, but a k-token pass rounds
     differently from k one-token passes and 30% of the outputs drifted from plain decoding,
     so ``auto`` keeps bf16 exact (``none``); the verify dtype is the model's dtype, and a
     route that prefers speed sets ``speculation`` explicitly. ``spec_max_draft`` bounds the

@@ -483,6 +483,8 @@ class Usage(OpenAIBaseModel):
     total_tokens: int = Field(default=0, ge=0)
     prompt_tokens_details: PromptTokensDetails | None = None
 
+    _omit_if_empty = frozenset({"prompt_tokens_details"})
+
     @model_validator(mode="after")
     def _fill_total(self) -> Usage:
         if "total_tokens" not in self.model_fields_set:

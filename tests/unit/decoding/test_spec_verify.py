@@ -164,8 +164,9 @@ def test_pool_sessions_share_what_past_outputs_taught() -> None:
     context = [7, 10, 11, 12]  # a 3-token match allows 3 tokens (max_spec_factor 1)
     second = pool.session("suffix", context)
     assert second is not None
-    assert second.propose(context, 8) == [13, 14, 15]  # from the global index
-    assert second.propose(context, 2) == [13, 14]
+    assert second.propose(context, 8).token_ids == (13, 14, 15)  # from the global index
+    assert second.propose(context, 2).token_ids == (13, 14)
+    assert second.propose(context, 2, tree=False).path_tokens() == (13, 14)
     second.close()
     assert pool.session("none", [1]) is None
     with pytest.raises(ValueError, match="unknown speculation"):
@@ -180,5 +181,8 @@ def test_stand_session_observes_target_distributions() -> None:
     logits = torch.full((20,), -10.0)
     logits[7] = 5.0
     session.observe([1, 2], logits)
-    assert session.propose([1, 2], 4)[:1] == [7]
+    tree = session.propose([1, 2], 4)
+    assert tree.token_ids[0] == 7
+    assert tree.parents[0] == -1
+    assert session.propose([1, 2], 4, tree=False).token_ids[:1] == (7,)
     session.close()
