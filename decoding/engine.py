@@ -64,7 +64,7 @@ class EngineConfig:
     Speculation (model-free drafts verified losslessly; see ``decoding.speculative``):
     ``speculation`` is the default for requests that do not set one: ``none``, ``suffix``
     (SuffixDecoding over the prompt and recent outputs), ``stand`` (STAND n-gram
-    distributions), ``both`` (the draft with more expected accepted tokens), or ``auto``:
+    distributions), ``both`` (both trees merged into one), or ``auto``:
     ``SPECULATION_AUTO`` by the model's dtype. Measured on this CPU (BENCHMARKS.md,
     "Speculation", tau-bench replay with full prompts, SmolLM2-135M): in float32 a 16-token
     pass at a 5k context costs ~1.9x a 1-token pass, greedy output is token-identical and
