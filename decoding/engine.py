@@ -20,7 +20,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -419,7 +419,7 @@ class EmbeddedEngine:
         if drafting is None or room <= 0:
             return Draft.empty()
         draft = drafting.propose(context, self.config.spec_max_draft, self.config.spec_tree)
-        return prune_draft(draft, room, set(self.stop_ids), grammar)
+        return prune_draft(draft, room, self.stop_ids, grammar)
 
     @staticmethod
     def _record(
@@ -499,7 +499,7 @@ class EmbeddedEngine:
 
 
 def prune_draft(
-    draft: Draft, depth: int, stop_ids: set[int], grammar: GrammarState | None
+    draft: Draft, depth: int, stop_ids: Collection[int], grammar: GrammarState | None
 ) -> Draft:
     """``draft`` without nodes deeper than ``depth``, stop tokens (the end of a turn is the
     model's own pick, never drafted) and tokens the grammar forbids, with their subtrees.
@@ -516,15 +516,11 @@ def prune_draft(
         paths.append([*base, token])
         alive.append((parent < 0 or alive[parent]) and token not in stop_ids and len(base) < depth)
     if grammar is not None:
-        is_parent = set(draft.parents)
+        live_parents = {p for p, a in zip(draft.parents, alive, strict=True) if a}
         allowed = [False] * len(draft)
         for leaf in range(len(draft)):
-            if leaf in is_parent and any(
-                alive[c] for c, p in enumerate(draft.parents) if p == leaf
-            ):
-                continue  # its path is checked through a live child
-            if not alive[leaf]:
-                continue
+            if not alive[leaf] or leaf in live_parents:
+                continue  # dead, or its path is checked through a live child
             valid = grammar.validate_tokens(paths[leaf])
             node = leaf
             while node >= 0:

@@ -468,7 +468,9 @@ class StreamAssembler:
         text = render_tool_calls("", calls)
         if text and self.emitted:
             text = "\n" + text
-        return FinishEvent(self.index, self.reason, text, prompt_tokens, None, cached_tokens)
+        return FinishEvent(
+            self.index, self.reason, text, prompt_tokens, cached_tokens=cached_tokens
+        )
 
 
 def stream_error(body: Mapping[str, Any], backend: str) -> SlmgateError:

@@ -110,7 +110,8 @@ class PrefixCache:
             self.stats.hits += 1
             self.stats.tokens_reused += best
             for layer, (keys, values) in enumerate(rows):
-                cache.update(keys[..., :best, :].clone(), values[..., :best, :].clone(), layer)
+                # The first update concatenates onto an empty layer: the cache gets a copy.
+                cache.update(keys[..., :best, :], values[..., :best, :], layer)
         return best, cache
 
     def store(self, prompt_ids: Sequence[int], cache: DynamicCache) -> None:
