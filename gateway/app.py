@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import hashlib
 import json
 import logging
+import re
 import secrets
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -27,9 +28,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decoding.backend import FinishEvent
-from decoding.types import GenerationRequest, Speculation
-from gateway.config import GatewayConfig
+from decoding.types import GenerationRequest, SamplingParams, Speculation
+from gateway.config import GatewayConfig, Limits
 from gateway.dashboard import dashboard_router
+from gateway.guard import KeyGuard, KeySlots, bearer_key, require_json
 from gateway.metrics import GatewayMetrics
 from gateway.render import (
     call_id,
@@ -37,6 +39,7 @@ from gateway.render import (
     logprobs_of,
     message_of,
     response_of,
+    slmgate_facts,
     sse,
     wire_finish_reason,
 )
@@ -59,15 +62,16 @@ from schemas.chat import (
     Usage,
 )
 from schemas.errors import (
-    AuthenticationError,
     GenerationCancelled,
     InvalidRequestError,
     NotFoundError,
     OverloadedError,
     PayloadTooLargeError,
     RequestTimeoutError,
+    RequestTooLargeError,
     SlmgateError,
 )
+from schemas.json_limits import json_depth, lone_surrogate_path
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,6 +98,7 @@ class Gateway:
         self.metrics = metrics
         self.in_flight = 0
         self.load_error: str | None = None
+        self.callers = KeySlots(lambda: self.config.limits.max_concurrent_per_key)
 
     def load_models(self) -> None:
         """Load every configured model (blocking; runs on a background thread)."""
@@ -155,20 +160,13 @@ class Gateway:
             raise OverloadedError("models are still loading; retry shortly")
         return self.router
 
-    def check_auth(self, request: Request) -> None:
-        keys = self.config.api_keys
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        # Compare against every key in constant time, so timing reveals neither key nor index.
-        ok = False
-        for key in keys:
-            ok |= hmac.compare_digest(given.encode(), key.encode())
-        if not ok:
-            raise AuthenticationError(
-                "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'."
-            )
+    def caller(self, request: Request) -> str:
+        """Who a request counts against for ``max_concurrent_per_key``: its API key (hashed, so
+        keys are not kept around in the clear) or, on an open gateway, its client address."""
+        key = bearer_key(request.headers.get("authorization", ""))
+        if self.config.api_keys and key:
+            return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        return "ip:" + (request.client.host if request.client else "unknown")
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -211,6 +209,7 @@ def create_app(
                     close()
 
     app = FastAPI(title="slmgate", lifespan=lifespan)
+    app.add_middleware(KeyGuard, keys=lambda: gw.config.api_keys)
     app.state.gateway = gw
     app.include_router(dashboard_router(lambda: gw.config.api_keys))
 
@@ -220,7 +219,12 @@ def create_app(
 
     @app.exception_handler(LedgerUnavailable)
     async def _ledger_down(request: Request, exc: LedgerUnavailable) -> JSONResponse:
-        return error_response(OverloadedError(f"the ledger is unavailable: {exc}"))
+        response = error_response(OverloadedError(f"the ledger is unavailable: {exc}"))
+        if gw.ledger is not None:  # its health block stays readable during the outage
+            body = json.loads(bytes(response.body))
+            body["ledger"] = gw.ledger.health()
+            response = JSONResponse(body, response.status_code, headers={"Retry-After": "5"})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -250,54 +254,59 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request) -> Response:
-        gw.check_auth(request)
         body, content_type = gw.metrics.render()
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        gw.check_auth(request)
         names = [m.name for m in config.models] + [r.name for r in config.routes]
         return ModelList(data=[ModelCard(id=n) for n in names]).to_wire()
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
-        gw.check_auth(request)
-        body = await _read_body(request, config.limits.max_body_bytes)
-        wire = _parse_request(body)
+        require_json(request.headers.get("content-type"))
+        limits = gw.config.limits
+        body = await _read_body(request, limits.max_body_bytes)
+        wire = _parse_request(body, limits)
         ignored = [f for f in wire.ignored_fields() if f != "speculation"]
         if ignored:
             log.info("ignored request fields: %s", ", ".join(ignored))
         router = gw.ready_router()
         route = router.resolve(wire.model)
-        task_id = request.headers.get("x-task-id") or (wire.metadata or {}).get("task_id")
+        task_id = _task_id_of(request, wire)
         req = generation_request(wire, "chatcmpl-" + secrets.token_hex(12), task_id)
-        req = replace(req, speculation=_speculation_of(wire))
-        if gw.in_flight >= config.limits.max_queue:
+        req = replace(req, speculation=_speculation_of(wire), params=_bounded_params(wire, req,
+                                                                                      limits))
+        if gw.in_flight >= limits.max_queue:
             raise OverloadedError("too many requests in flight; retry shortly")
+        caller = gw.caller(request)
+        gw.callers.acquire(caller)  # released when the answer (or the stream) is done
         trace = Trace(req.request_id, route.name, task_id)
         try:
             with gw.slot():
                 plan = await asyncio.to_thread(router.plan, route, req, trace)  # 400s up front
-        except Exception as exc:
-            gw.record(trace, req, error=exc, stream=wire.stream)
+        except BaseException as exc:
+            gw.callers.release(caller)
+            gw.record(trace, req, error=_as_error(exc), stream=wire.stream)
             raise
         if wire.stream:
-            # The stream takes its own slot when it starts: a generator that never starts
-            # (client gone before the first byte) must not hold one.
-            stream = _stream(gw, router, wire, req, plan, trace)
-            return StreamingResponse(stream, media_type="text/event-stream")
+            return await _start_stream(gw, request, router, wire, req, plan, trace, caller)
         try:
             with gw.slot():
-                async with asyncio.timeout(config.limits.request_timeout_s):
+                async with asyncio.timeout(limits.request_timeout_s):
                     answer = await _until_disconnect(request, router.complete(plan, req, trace))
         except TimeoutError:
-            timeout = RequestTimeoutError("the request timed out")
+            timeout = RequestTimeoutError(
+                f"the request timed out after {limits.request_timeout_s:g} s "
+                "(limits.request_timeout_s, queueing included)"
+            )
             gw.record(trace, req, error=timeout)
             raise timeout from None
-        except Exception as exc:
-            gw.record(trace, req, error=exc)
+        except BaseException as exc:
+            gw.record(trace, req, error=_as_error(exc))
             raise
+        finally:
+            gw.callers.release(caller)
         trace.mark_first_token()
         gw.record(trace, req, answer=answer)
         token_text = _token_text(router, answer)
@@ -306,14 +315,20 @@ def create_app(
 
     @app.post("/v1/tasks/{task_id}/outcome")
     async def task_outcome(task_id: str, request: Request) -> dict[str, Any]:
-        gw.check_auth(request)
+        task_id = check_task_id(task_id, "task_id")
+        require_json(request.headers.get("content-type"))
         body = await _read_body(request, 64 * 1024)
         try:
             outcome = TaskOutcome.model_validate_json(body or b"{}")
         except ValidationError as exc:
             error = ErrorResponse.from_validation_errors(exc.errors()).error
             raise InvalidRequestError(error.message, param=error.param) from None
-        await asyncio.to_thread(_ledger(gw).set_outcome, task_id, outcome.success, outcome.score)
+        known = await asyncio.to_thread(
+            _ledger(gw).set_outcome, task_id, outcome.success, outcome.score
+        )
+        if known is False:
+            raise NotFoundError(f"no task {task_id!r} in the ledger", param="task_id",
+                                code="task_not_found")  # fmt: skip
         return {"object": "task.outcome", "task_id": task_id, "success": outcome.success,
                 "score": outcome.score, "recorded": True}  # fmt: skip
 
@@ -321,7 +336,6 @@ def create_app(
     async def stats(
         request: Request, window: str = "24h", route: str | None = None, buckets: int = 12
     ) -> dict[str, Any]:
-        gw.check_auth(request)
         seconds = _window_seconds(window)
         if not 1 <= buckets <= 500:
             raise InvalidRequestError("buckets must be in [1, 500]", param="buckets")
@@ -335,7 +349,6 @@ def create_app(
     async def tasks(
         request: Request, limit: int = 50, route: str | None = None, window: str = "all"
     ) -> dict[str, Any]:
-        gw.check_auth(request)
         if not 1 <= limit <= 1000:
             raise InvalidRequestError("limit must be in [1, 1000]", param="limit")
         rows = await asyncio.to_thread(_ledger(gw).tasks, limit, route, _window_seconds(window))
@@ -343,7 +356,7 @@ def create_app(
 
     @app.get("/v1/tasks/{task_id}")
     async def task(task_id: str, request: Request) -> dict[str, Any]:
-        gw.check_auth(request)
+        task_id = check_task_id(task_id, "task_id")
         found: dict[str, Any] | None = await asyncio.to_thread(_ledger(gw).task, task_id)
         if found is None:
             raise NotFoundError(f"no task {task_id!r} in the ledger", param="task_id",
@@ -365,18 +378,110 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _parse_request(body: bytes) -> ChatCompletionRequest:
+def _parse_request(body: bytes, limits: Limits) -> ChatCompletionRequest:
+    """Parse and validate a chat request. Nesting is measured on the raw bytes first, because
+    the JSON parser and pydantic recurse per level (RecursionError past ~1,000)."""
+    depth = json_depth(body)
+    if depth > limits.max_json_depth:
+        raise RequestTooLargeError(
+            f"JSON nesting deeper than {limits.max_json_depth} levels (limits.max_json_depth)"
+        )
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidRequestError(f"could not parse the JSON body: {exc}") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python's digit limit
         raise InvalidRequestError(f"could not parse the JSON body: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequestError("the request body must be a JSON object")
+    where = lone_surrogate_path(body, data)
+    if where is not None:
+        raise InvalidRequestError(
+            "invalid text: a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape) "
+            "cannot be encoded as UTF-8",
+            param=None if where == "(body)" else where,
+        )
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
         error = ErrorResponse.from_validation_errors(exc.errors()).error
         raise InvalidRequestError(error.message, param=error.param, code=error.code) from None
+
+
+async def _start_stream(
+    gw: Gateway,
+    request: Request,
+    router: Router,
+    wire: ChatCompletionRequest,
+    req: GenerationRequest,
+    plan: Plan,
+    trace: Trace,
+    caller: str,
+) -> Response:
+    """Run the stream to its first chunk before answering, so a failure before the first byte
+    keeps its HTTP status (a 503 stays a 503, not a 200 with an SSE error) and the headers can
+    say which tier answers: by the first chunk a cascade has committed to its tier."""
+    queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+    pump = asyncio.create_task(_pump(_stream(gw, router, wire, req, plan, trace), queue))
+    chunks = _drain(pump, queue, lambda: gw.callers.release(caller))
+    try:
+        first = await _until_disconnect(request, anext(chunks))
+    except StopAsyncIteration:  # pragma: no cover - a stream always ends with [DONE]
+        raise SlmgateError("the stream ended before its first chunk") from None
+    except BaseException:
+        await chunks.aclose()
+        raise
+
+    async def rest() -> AsyncIterator[str]:
+        try:
+            yield first
+            async for text in chunks:
+                yield text
+        finally:
+            await chunks.aclose()
+
+    headers = {"x-slmgate-route": trace.route, "x-slmgate-request-id": req.request_id}
+    if trace.answer is not None:  # decided whole before the first byte
+        headers = {**headers_of(trace.answer), **headers}
+    elif trace.streaming_from is not None:
+        info = router.backends[trace.streaming_from].info
+        headers.update({"x-slmgate-tier": info.tier, "x-slmgate-model": info.name})
+    return StreamingResponse(rest(), media_type="text/event-stream", headers=headers)
+
+
+async def _pump(
+    chunks: AsyncGenerator[str, None], queue: asyncio.Queue[str | BaseException | None]
+) -> None:
+    """Run a whole stream in one task of its own, so its timeout and cancellation apply to that
+    task whichever task sends the response (Starlette may stream from another one)."""
+    try:
+        async for text in chunks:
+            queue.put_nowait(text)
+        queue.put_nowait(None)
+    except BaseException as exc:
+        queue.put_nowait(exc)
+        if not isinstance(exc, Exception):
+            raise
+
+
+async def _drain(
+    pump: asyncio.Task[None],
+    queue: asyncio.Queue[str | BaseException | None],
+    release: Callable[[], None],
+) -> AsyncGenerator[str, None]:
+    """The pumped chunks; on any end (done, failed, client gone) the pump is cancelled, which
+    records the request, and ``release()`` runs exactly once."""
+    try:
+        while (item := await queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        release()
+        if not pump.done():
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
 
 
 async def _stream(
@@ -386,12 +491,16 @@ async def _stream(
     req: GenerationRequest,
     plan: Plan,
     trace: Trace,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """SSE for one request. Outputs a cascade could still replace, and tool calls, are decided
     before the first byte (generated whole, then sent as deltas); the rest streams token by
-    token (see ``router.router`` for the free-text rule on cascades)."""
+    token (see ``router.router`` for the free-text rule on cascades).
+
+    A failure before the first chunk is raised (the caller turns it into an HTTP error); after
+    it, it becomes an SSE error event. The last finish chunk carries the ``slmgate`` object."""
     cid = req.request_id
     usage_on = wire.include_usage()
+    sent = False
 
     def chunk(choices: list[ChatCompletionChunkChoice], **extra: Any) -> str:
         payload = ChatCompletionChunk(id=cid, model=wire.model, choices=choices, **extra)
@@ -407,14 +516,17 @@ async def _stream(
         async with asyncio.timeout(gw.config.limits.request_timeout_s):
             if not router.streams_tokens(plan, req):
                 answer = await router.complete(plan, req, trace)
+                trace.answer = answer
                 prompt_tokens = answer.result.prompt_tokens
                 completion_tokens = answer.result.completion_tokens
                 cached_tokens = answer.result.cached_tokens
                 trace.mark_first_token()
                 for text in _answer_chunks(answer, wire, _token_text(router, answer), chunk):
+                    sent = True
                     yield text
             else:
                 started: set[int] = set()
+                held: ChatCompletionChunkChoice | None = None  # the latest finish chunk
                 async for event in router.stream(plan, req, trace):
                     source = router.backends.get(trace.streaming_from or "")
                     token_text = getattr(source, "token_text", None)
@@ -422,6 +534,7 @@ async def _stream(
                         started.add(event.index)
                         trace.mark_first_token()
                         delta = ChoiceDelta(role="assistant", content="")
+                        sent = True
                         yield chunk([ChatCompletionChunkChoice(index=event.index, delta=delta)])
                     if isinstance(event, FinishEvent):
                         if not prompt_tokens:  # the first choice's, as in a whole response
@@ -430,9 +543,10 @@ async def _stream(
                         if event.text:
                             yield chunk([ChatCompletionChunkChoice(
                                 index=event.index, delta=ChoiceDelta(content=event.text))])
-                        reason = wire_finish_reason(event.reason)
-                        yield chunk([ChatCompletionChunkChoice(index=event.index,
-                                                               finish_reason=reason)])
+                        if held is not None:
+                            yield chunk([held])
+                        held = ChatCompletionChunkChoice(
+                            index=event.index, finish_reason=wire_finish_reason(event.reason))
                         continue  # fmt: skip
                     completion_tokens += 1
                     logprobs = logprobs_of([event], token_text) if wire.logprobs else None
@@ -441,6 +555,9 @@ async def _stream(
                             index=event.index, delta=ChoiceDelta(content=event.text),
                             logprobs=logprobs)])  # fmt: skip
                 answer = trace.answer
+                if held is not None:
+                    facts = slmgate_facts(answer) if answer is not None else None
+                    yield chunk([held], slmgate=facts)
         if usage_on:
             usage = Usage(
                 prompt_tokens=prompt_tokens,
@@ -449,21 +566,35 @@ async def _stream(
             )
             yield chunk([], usage=usage)
     except TimeoutError:
-        failure = RequestTimeoutError("the request timed out")
+        failure = RequestTimeoutError(
+            f"the request timed out after {gw.config.limits.request_timeout_s:g} s "
+            "(limits.request_timeout_s, queueing included)"
+        )
+        if not sent:
+            gw.in_flight -= 1
+            gw.record(trace, req, error=failure, stream=True)
+            raise failure from None
         yield sse(failure.to_body())
     except SlmgateError as exc:
         failure = exc
+        if not sent:
+            gw.in_flight -= 1
+            gw.record(trace, req, error=failure, stream=True)
+            raise
         yield sse(exc.to_body())
     except BaseException as exc:  # incl. GeneratorExit when the client goes away
         failure = exc
         if not isinstance(exc, Exception):
-            gw.record(trace, req, answer=answer, error=GenerationCancelled("stream closed"),
-                      stream=True)  # fmt: skip
+            gw.in_flight -= 1
+            gw.record(trace, req, answer=answer, error=_as_error(exc), stream=True)
             raise
         log.exception("error while streaming")
+        if not sent:
+            gw.in_flight -= 1
+            gw.record(trace, req, error=exc, stream=True)
+            raise
         yield sse(SlmgateError("The server had an error processing your request.").to_body())
-    finally:
-        gw.in_flight -= 1
+    gw.in_flight -= 1
     gw.record(trace, req, answer=answer, error=failure, stream=True)
     yield sse("[DONE]")
 
@@ -471,8 +602,10 @@ async def _stream(
 def _answer_chunks(
     answer: Answer, wire: ChatCompletionRequest, token_text: Any, chunk: Callable[..., str]
 ) -> list[str]:
-    out = []
-    for choice, check in zip(answer.result.choices, answer.checks, strict=True):
+    """Each choice decided whole, as deltas; the last chunk carries the ``slmgate`` object."""
+    out: list[str] = []
+    last = len(answer.result.choices) - 1
+    for n, (choice, check) in enumerate(zip(answer.result.choices, answer.checks, strict=True)):
         message, reason = message_of(choice, check)
         first = ChoiceDelta(role="assistant", content=message.content or "")
         out.append(chunk([ChatCompletionChunkChoice(index=choice.index, delta=first)]))
@@ -486,7 +619,9 @@ def _answer_chunks(
                 index=choice.index, delta=ChoiceDelta(tool_calls=[head]))]))
             out.append(chunk([ChatCompletionChunkChoice(
                 index=choice.index, delta=ChoiceDelta(tool_calls=[args]))]))  # fmt: skip
-        out.append(chunk([ChatCompletionChunkChoice(index=choice.index, finish_reason=reason)]))
+        facts = slmgate_facts(answer) if n == last else None
+        out.append(chunk([ChatCompletionChunkChoice(index=choice.index, finish_reason=reason)],
+                         slmgate=facts))  # fmt: skip
     return out
 
 
@@ -496,6 +631,64 @@ class TaskOutcome(BaseModel):
     model_config = ConfigDict(extra="forbid")
     success: bool
     score: float | None = None
+
+
+TASK_ID_MAX = 256
+_TASK_ID = re.compile(rf"[!-~]{{1,{TASK_ID_MAX}}}")  # printable ASCII, no spaces
+
+
+def check_task_id(value: str, param: str) -> str:
+    """A task id as given, or a 400: 1-256 printable ASCII characters without whitespace (ids
+    are stored, indexed and echoed back, so they are bounded and need no escaping)."""
+    if not _TASK_ID.fullmatch(value):
+        raise InvalidRequestError(
+            f"{param} must be 1-{TASK_ID_MAX} printable ASCII characters without whitespace",
+            param=param,
+        )
+    return value
+
+
+def _task_id_of(request: Request, wire: ChatCompletionRequest) -> str | None:
+    header = request.headers.get("x-task-id")
+    if header is not None:
+        return check_task_id(header, "x-task-id")
+    value = (wire.metadata or {}).get("task_id")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequestError("metadata.task_id must be a string", param="metadata.task_id")
+    return check_task_id(value, "metadata.task_id")
+
+
+def _bounded_params(
+    wire: ChatCompletionRequest, req: GenerationRequest, limits: Limits
+) -> SamplingParams:
+    """The request's sampling parameters within ``n`` and ``n x max_tokens`` bounds. Without
+    ``max_tokens`` the budget is split across the choices instead of refusing the request."""
+    params = req.params
+    if params.n > limits.max_choices:
+        raise RequestTooLargeError(
+            f"n = {params.n} exceeds {limits.max_choices} (limits.max_choices)", param="n"
+        )
+    if params.max_tokens is None:
+        return replace(params, max_tokens=max(1, limits.max_generated_tokens // params.n))
+    total = params.n * params.max_tokens
+    if total > limits.max_generated_tokens:
+        param = "max_completion_tokens" if wire.max_completion_tokens is not None else (
+            "max_tokens")  # fmt: skip
+        raise RequestTooLargeError(
+            f"n x {param} = {total} exceeds {limits.max_generated_tokens} tokens per request "
+            "(limits.max_generated_tokens)",
+            param=param,
+        )
+    return params
+
+
+def _as_error(exc: BaseException) -> BaseException:
+    """What the ledger records for ``exc``: cancellation (client gone, task cancelled) as 499."""
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return GenerationCancelled("the client disconnected")
+    return exc
 
 
 def _window_seconds(window: str) -> float | None:

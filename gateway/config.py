@@ -37,13 +37,32 @@ DEFAULT_ROUTES = (
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """Bounds on the work one request (or one key) can cause; each refusal names its setting."""
+
     max_body_bytes: int = 4 * 1024 * 1024
-    max_queue: int = 64  # requests waiting per backend before 503
-    request_timeout_s: float = 600.0
+    max_queue: int = 64  # requests in flight before 503
+    request_timeout_s: float = 600.0  # whole request, queueing included
+    max_json_depth: int = 64  # nesting of the body and every JSON value in it
+    max_choices: int = 16  # n
+    max_generated_tokens: int = 32768  # n x max_tokens
+    max_concurrent_per_key: int = 16  # in-flight requests per API key (per client IP when open)
+    max_prompt_tokens: int | None = 8192  # per embedded tier; None: the model's context
+    grammar_compile_timeout_s: float = 10.0
+    grammar_cache_bytes: int = 512 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024 or self.max_queue < 1 or self.request_timeout_s <= 0:
             raise ValueError("limits: max_body_bytes >= 1024, max_queue >= 1, timeout > 0")
+        if min(self.max_json_depth, self.max_choices, self.max_generated_tokens,
+               self.max_concurrent_per_key) < 1:  # fmt: skip
+            raise ValueError(
+                "limits: max_json_depth, max_choices, max_generated_tokens and "
+                "max_concurrent_per_key must be >= 1"
+            )
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError("limits: max_prompt_tokens must be >= 1 (or null for the context)")
+        if self.grammar_compile_timeout_s <= 0 or self.grammar_cache_bytes < 1:
+            raise ValueError("limits: grammar_compile_timeout_s > 0, grammar_cache_bytes >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +131,14 @@ def route_from_mapping(data: Mapping[str, Any]) -> Route:
     return Route(**kwargs)
 
 
+def routes_for(models: tuple[ModelSpec, ...]) -> tuple[Route, ...]:
+    """Routes for a config that lists models but no routes: the default ``auto`` cascade and
+    ``pre`` when models ``slm`` and ``llm`` both exist; otherwise none beyond the model names
+    themselves (each model is a single-tier route to itself)."""
+    names = {m.name for m in models}
+    return tuple(r for r in DEFAULT_ROUTES if set(r.tiers) <= names)
+
+
 def from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
     known = {"models", "routes", "api_keys", "limits", "host", "port", "cache_dir", "ledger_url"}
     unknown = set(data) - known
@@ -124,8 +151,14 @@ def from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
         kwargs["models"] = tuple(ModelSpec(**m) for m in data["models"])
     if "routes" in data:
         kwargs["routes"] = tuple(route_from_mapping(r) for r in data["routes"])
+    elif "models" in data:
+        kwargs["routes"] = routes_for(kwargs["models"])
     if "limits" in data:
-        kwargs["limits"] = Limits(**data["limits"])
+        limits = data["limits"] or {}
+        unknown = set(limits) - set(Limits.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"limits: unknown keys {sorted(unknown)}")
+        kwargs["limits"] = Limits(**limits)
     if "api_keys" in data:
         kwargs["api_keys"] = tuple(str(k) for k in data["api_keys"])
     return GatewayConfig(**kwargs)

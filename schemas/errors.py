@@ -4,10 +4,13 @@
     ├── InvalidRequestError           400 invalid_request_error
     │   ├── UnsupportedSchemaError    400 invalid_request_error, code "unsupported_schema"
     │   ├── UnsatisfiableSchemaError  400 invalid_request_error, code "unsatisfiable_schema"
+    │   ├── SchemaTooComplexError     400 invalid_request_error, code "schema_too_complex"
+    │   ├── RequestTooLargeError      400 invalid_request_error, code "request_too_large"
     │   └── ContextLengthError        400 invalid_request_error, code "context_length_exceeded"
     ├── AuthenticationError           401 authentication_error
     ├── NotFoundError                 404 not_found_error, code "model_not_found"
     ├── PayloadTooLargeError          413 invalid_request_error
+    ├── UnsupportedMediaTypeError     415 invalid_request_error, code "unsupported_media_type"
     ├── RateLimitError                429 rate_limit_error (retryable)
     ├── OverloadedError               503 overloaded_error (retryable)
     ├── UpstreamError                 502 upstream_error (retryable)
@@ -64,6 +67,20 @@ class UnsatisfiableSchemaError(InvalidRequestError):
     code = "unsatisfiable_schema"
 
 
+class SchemaTooComplexError(InvalidRequestError):
+    """A schema or grammar past a configured bound (compile deadline, size, nesting, forced
+    text): refused up front so one request cannot hold a compile thread or memory for long."""
+
+    code = "schema_too_complex"
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """A request past a configured work bound (nesting depth, n x max_tokens, prompt tokens);
+    the message names the limit and its ``limits`` setting."""
+
+    code = "request_too_large"
+
+
 class ContextLengthError(InvalidRequestError):
     code = "context_length_exceeded"
 
@@ -84,6 +101,15 @@ class PayloadTooLargeError(SlmgateError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(SlmgateError):
+    """A body whose Content-Type is not JSON: refusing it keeps browsers' "simple" cross-site
+    requests (text/plain, form posts) from triggering work without a CORS preflight."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class RateLimitError(SlmgateError):

@@ -112,7 +112,8 @@ async def test_unknown_route_and_unexpected_errors_are_openai_bodies() -> None:
 @pytest.mark.parametrize("body", [b"", b"[]", b"\xff\xfe"])
 async def test_non_object_bodies_are_400(body: bytes) -> None:
     async with make_client(ScriptedBackend(["a"])) as client:
-        r = await client.post("/v1/chat/completions", content=body)
+        r = await client.post("/v1/chat/completions", content=body,
+                              headers={"content-type": "application/json"})  # fmt: skip
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
 
@@ -134,6 +135,7 @@ async def test_a_ledger_outage_is_counted_not_a_500(caplog: pytest.LogCaptureFix
             stats = await client.get("/v1/stats")
             assert stats.status_code == 503  # reads report the outage as a retryable error
             assert stats.json()["error"]["type"] == "overloaded_error"
+            assert stats.json()["ledger"]["write_failures"] >= 1  # health readable regardless
     finally:
         ledger.close(timeout=1.0)
 
@@ -143,6 +145,12 @@ async def test_task_outcome_endpoint_validates_its_body(tmp_path: Path) -> None:
     ledger.start()
     try:
         async with make_client(ScriptedBackend(["a"]), ledger=ledger) as client:
+            unknown = await client.post("/v1/tasks/t1/outcome", json={"success": True})
+            assert unknown.status_code == 404
+            assert unknown.json()["error"]["code"] == "task_not_found"
+            body = {**BODY, "stream": False}
+            done = await client.post("/v1/chat/completions", json=body, headers={"x-task-id": "t1"})
+            assert done.status_code == 200
             bad = await client.post("/v1/tasks/t1/outcome", json={"success": "maybe"})
             assert bad.status_code == 400
             assert bad.json()["error"]["param"] == "success"
