@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import Iterator
+from typing import NoReturn
 
+import pytest
 import sqlalchemy as sa
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def service_missing(reason: str) -> NoReturn:
+    """Skip a test whose service (PostgreSQL, Redis) is not running — except in CI
+    (``CI=true``), where the machine starts them and a missing one must fail the run."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: services are required here, not optional)")
+    pytest.skip(reason)
 
 
 @contextlib.contextmanager

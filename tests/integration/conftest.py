@@ -95,7 +95,7 @@ def pg_schema() -> Iterator[str]:
         with postgres.pg_schema(prefix="slmgate_it") as url:
             yield url
     except sa.exc.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}")
+        postgres.service_missing(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}")
 
 
 @pytest.fixture(scope="session")

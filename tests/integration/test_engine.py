@@ -42,8 +42,12 @@ def spec(tool: dict[str, Any]) -> ToolSpec:
     return ToolSpec(tool["function"]["name"], tool["function"]["parameters"])
 
 
-def sample_schemas(n: int) -> list[tuple[str, dict[str, Any]]]:
-    """A fixed sample of small real-world schemas (seeded choice, smallest files first)."""
+def sample_schemas(n: int) -> list[Any]:
+    """A fixed sample of small real-world schemas (seeded choice, smallest files first); one
+    skipped case when the shared data folder is not beside this checkout (a fresh clone)."""
+    if not BENCH.is_dir():
+        reason = f"JSONSchemaBench data not found at {BENCH} (the project's shared/data folder)"
+        return [pytest.param("missing", {}, marks=pytest.mark.skip(reason=reason))]
     files = sorted(BENCH.glob("Glaiveai2K/*.json")) + sorted(BENCH.glob("Github_easy/*.json"))
     small = [f for f in files if f.stat().st_size < 700]
     picked = random.Random(1234).sample(small, n)
