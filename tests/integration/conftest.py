@@ -61,7 +61,9 @@ def live_server(config_dir: Path, ledger_url: str) -> Iterator[str]:
         while time.monotonic() < deadline:
             assert proc.poll() is None, "server exited during startup"
             try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                ready = httpx.get(f"{base}/readyz", headers={"authorization": f"Bearer {KEY}"},
+                                  timeout=2)
+                if ready.status_code == 200:
                     break
             except httpx.TransportError:
                 pass

@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.app import check_task_id, create_app
+from gateway.admission import check_task_id
+from gateway.app import create_app
 from gateway.config import GatewayConfig, Limits, from_mapping
 from gateway.guard import bearer_key, is_json_content_type
 from router.router import Route, Router

@@ -1,0 +1,145 @@
+"""Reading a request before any work: body size, nesting, parsing, task ids, and the bounds on
+how much a request may ask for. Every refusal is a 4xx naming its limit."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from typing import cast
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from decoding.types import GenerationRequest, SamplingParams, Speculation
+from gateway.config import Limits
+from router.stats import parse_window
+from schemas.chat import ChatCompletionRequest, ErrorResponse
+from schemas.errors import InvalidRequestError, PayloadTooLargeError, RequestTooLargeError
+from schemas.json_limits import json_depth, lone_surrogate_path
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
+    return bytes(body)
+
+
+def parse_request(body: bytes, limits: Limits) -> ChatCompletionRequest:
+    """Parse and validate a chat request. Nesting is measured on the raw bytes first, because
+    the JSON parser and pydantic recurse per level (RecursionError past ~1,000)."""
+    depth = json_depth(body)
+    if depth > limits.max_json_depth:
+        raise RequestTooLargeError(
+            f"JSON nesting deeper than {limits.max_json_depth} levels (limits.max_json_depth)"
+        )
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidRequestError(f"could not parse the JSON body: {exc}") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python's digit limit
+        raise InvalidRequestError(f"could not parse the JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    where = lone_surrogate_path(body, data)
+    if where is not None:
+        raise InvalidRequestError(
+            "invalid text: a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape) "
+            "cannot be encoded as UTF-8",
+            param=None if where == "(body)" else where,
+        )
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        error = ErrorResponse.from_validation_errors(exc.errors()).error
+        raise InvalidRequestError(error.message, param=error.param, code=error.code) from None
+
+
+class TaskOutcome(BaseModel):
+    """Body of ``POST /v1/tasks/{task_id}/outcome``."""
+
+    model_config = ConfigDict(extra="forbid")
+    success: bool
+    score: float | None = None
+
+
+TASK_ID_MAX = 256
+
+
+_TASK_ID = re.compile(rf"[!-~]{{1,{TASK_ID_MAX}}}")  # printable ASCII, no spaces
+
+
+def check_task_id(value: str, param: str) -> str:
+    """A task id as given, or a 400: 1-256 printable ASCII characters without whitespace (ids
+    are stored, indexed and echoed back, so they are bounded and need no escaping)."""
+    if not _TASK_ID.fullmatch(value):
+        raise InvalidRequestError(
+            f"{param} must be 1-{TASK_ID_MAX} printable ASCII characters without whitespace",
+            param=param,
+        )
+    return value
+
+
+def task_id_of(request: Request, wire: ChatCompletionRequest) -> str | None:
+    header = request.headers.get("x-task-id")
+    if header is not None:
+        return check_task_id(header, "x-task-id")
+    value = (wire.metadata or {}).get("task_id")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequestError("metadata.task_id must be a string", param="metadata.task_id")
+    return check_task_id(value, "metadata.task_id")
+
+
+def bounded_params(
+    wire: ChatCompletionRequest, req: GenerationRequest, limits: Limits
+) -> SamplingParams:
+    """The request's sampling parameters within ``n`` and ``n x max_tokens`` bounds. Without
+    ``max_tokens`` the budget is split across the choices instead of refusing the request."""
+    params = req.params
+    if params.n > limits.max_choices:
+        raise RequestTooLargeError(
+            f"n = {params.n} exceeds {limits.max_choices} (limits.max_choices)", param="n"
+        )
+    if params.max_tokens is None:
+        return replace(params, max_tokens=max(1, limits.max_generated_tokens // params.n))
+    total = params.n * params.max_tokens
+    if total > limits.max_generated_tokens:
+        param = "max_completion_tokens" if wire.max_completion_tokens is not None else (
+            "max_tokens")  # fmt: skip
+        raise RequestTooLargeError(
+            f"n x {param} = {total} exceeds {limits.max_generated_tokens} tokens per request "
+            "(limits.max_generated_tokens)",
+            param=param,
+        )
+    return params
+
+
+def window_seconds(window: str) -> float | None:
+    """``15m``/``1h``/``24h``/``7d``, seconds, or ``all`` (None); anything else is a 400."""
+    try:
+        return parse_window(window)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="window") from None
+
+
+SPECULATION_MODES = ("none", "suffix", "stand", "both")
+
+
+def speculation_of(wire: ChatCompletionRequest) -> Speculation | None:
+    """The request's ``speculation`` extension field (like vLLM's extra sampling fields)."""
+    value = (wire.model_extra or {}).get("speculation")
+    if value is None:
+        return None
+    if value not in SPECULATION_MODES:
+        raise InvalidRequestError(
+            f"speculation must be one of {', '.join(SPECULATION_MODES)}", param="speculation"
+        )
+    return cast("Speculation", value)

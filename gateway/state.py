@@ -1,0 +1,116 @@
+"""State shared by the HTTP handlers: config, router, ledger, in-flight counts, and how a finished
+or failed request is written to the ledger and metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from decoding.types import GenerationRequest
+from gateway.config import GatewayConfig
+from gateway.guard import KeySlots, bearer_key
+from gateway.metrics import GatewayMetrics
+from router.energy import EnergyMeter
+from router.ledger import Ledger
+from router.router import Answer, Router, Trace, request_record
+from schemas.errors import OverloadedError, SlmgateError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(exc: SlmgateError) -> JSONResponse:
+    headers = {"Retry-After": "5"} if exc.status in (429, 503) else None
+    return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
+
+
+class Gateway:
+    """State shared by the handlers: config, router, ledger, in-flight counts."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        router: Router | None,
+        ledger: Ledger | None,
+        metrics: GatewayMetrics,
+    ):
+        self.config = config
+        self.router = router
+        self.ledger = ledger
+        self.metrics = metrics
+        self.in_flight = 0
+        self.load_error: str | None = None
+        self.callers = KeySlots(lambda: self.config.limits.max_concurrent_per_key)
+
+    def load_models(self) -> None:
+        """Load every configured model (blocking; runs on a background thread)."""
+        from decoding.models import build_backend
+
+        try:
+            cache = None if self.config.cache_dir is None else Path(self.config.cache_dir)
+            backends = {m.name: build_backend(m, cache) for m in self.config.models}
+            routes = {r.name: r for r in self.config.routes}
+            self.router = Router(backends, routes, EnergyMeter())
+            log.info("ready: models %s, routes %s", sorted(backends),
+                     [r.name for r in self.config.routes])  # fmt: skip
+        except Exception as exc:  # reported by /readyz and every request
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("model loading failed")
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Count a request in flight while the block runs (the overload check reads it)."""
+        self.in_flight += 1
+        self.metrics.set_queue_depth("gateway", self.in_flight)
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self.metrics.set_queue_depth("gateway", self.in_flight)
+
+    def record(
+        self,
+        trace: Trace,
+        req: GenerationRequest,
+        *,
+        answer: Answer | None = None,
+        error: BaseException | None = None,
+        stream: bool = False,
+    ) -> None:
+        """Write the request and its attempts to the ledger. Never raises: a ledger outage is
+        logged and counted by the ledger itself, not turned into an error response."""
+        try:
+            record = request_record(trace, req, answer=answer, error=error, stream=stream)
+            if self.ledger is not None:
+                self.ledger.record(record)
+            self.metrics.observe_request(record)
+            for attempt in record.attempts:
+                if attempt.outcome == "error":
+                    kind = (attempt.error or "error").split(":", 1)[0]
+                    self.metrics.backend_error(attempt.backend, kind)
+            for name, backend in (self.router.backends if self.router else {}).items():
+                breaker = getattr(backend, "breaker", None)
+                if breaker is not None:
+                    self.metrics.set_breaker_state(name, breaker.state)
+        except Exception:
+            log.exception("could not build the ledger record for %s", trace.request_id)
+
+    def ready_router(self) -> Router:
+        if self.router is None:
+            if self.load_error:
+                raise SlmgateError(f"models failed to load: {self.load_error}")
+            raise OverloadedError("models are still loading; retry shortly")
+        return self.router
+
+    def caller(self, request: Request) -> str:
+        """Who a request counts against for ``max_concurrent_per_key``: its API key (hashed, so
+        keys are not kept around in the clear) or, on an open gateway, its client address."""
+        key = bearer_key(request.headers.get("authorization", ""))
+        if self.config.api_keys and key:
+            return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        return "ip:" + (request.client.host if request.client else "unknown")
