@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-AttemptOutcome = Literal["accepted", "escalated", "aborted", "error"]
+AttemptOutcome = Literal["accepted", "escalated", "aborted", "error", "cancelled"]
 
 
 @dataclass(slots=True)
@@ -18,7 +18,9 @@ class AttemptRecord:
 
     ``outcome``: ``accepted`` (this attempt answered the request), ``escalated`` (finished but
     judged unsure or invalid, so the next tier ran), ``aborted`` (stopped mid-generation by
-    early fallback), ``error`` (the backend failed; ``error`` says how).
+    early fallback), ``error`` (the backend failed; ``error`` says how), ``cancelled`` (cut off
+    by a client disconnect or a deadline; ``error`` says which). Every outcome carries the tokens
+    the attempt consumed up to its end, and their cost.
     """
 
     request_id: str
@@ -59,7 +61,7 @@ class RequestRecord:
     task_id: str | None = None
     status: int = 200  # HTTP status returned (or sent in-stream as an error)
     error_type: str | None = None
-    tier: str | None = None  # tier of the accepted attempt
+    tier: str | None = None  # tier of the accepted attempt (failed: the last that used tokens)
     backend: str | None = None
     ttft_s: float | None = None
     prompt_tokens: int = 0
@@ -79,9 +81,7 @@ class RequestRecord:
     def succeeded(self) -> bool:
         """Inferred success: answered, and valid + executable where that applies."""
         return (
-            self.status == 200
-            and self.schema_valid is not False
-            and self.executable is not False
+            self.status == 200 and self.schema_valid is not False and self.executable is not False
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,207 @@
+"""One tier's call while it runs: the events it produced so far, how many the caller has seen,
+and the ledger row it leaves however it ends (answered, escalated, aborted, failed or cut off),
+so an attempt cancelled mid-prefill or mid-stream is booked with what it consumed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from decoding.backend import BackendInfo, FinishEvent, collect
+from decoding.types import GenerationRequest, GenerationResult, TokenEvent
+from decoding.validate import OutputCheck, check_output
+from router.answer import Trace, executable_of, schema_valid_of
+from router.confidence import CollapseWatch, combined_signals, signals_of
+from router.cost import attempt_cost
+from router.energy import EnergyMeter, EnergyToken
+from router.records import AttemptOutcome, AttemptRecord
+from router.route import Route
+from schemas.errors import GenerationCancelled
+
+log = logging.getLogger(__name__)
+
+Event = TokenEvent | FinishEvent
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """The caller stopped waiting (disconnect, deadline, cancelled task): the attempt is booked
+    as cancelled and the exception goes on unchanged, never to another tier."""
+    return isinstance(
+        exc, GenerationCancelled | asyncio.CancelledError | GeneratorExit | TimeoutError
+    ) or not isinstance(exc, Exception)
+
+
+def prepare_on(backend: Any, req: GenerationRequest) -> Any:
+    """The backend's prepared request (tokenised prompt, compiled grammar), None when it has no
+    ``prepare``. Blocking: run it in a thread."""
+    prepare = getattr(backend, "prepare", None)
+    return None if prepare is None else prepare(req)
+
+
+def prompt_tokens_of(prepared: Any) -> int:
+    """Prompt length from a prepared request: an attempt cut off before its first event never
+    reports it, but its prefill was still paid for."""
+    ids = getattr(prepared, "prompt_ids", None)
+    return len(ids) if ids is not None else 0
+
+
+def signals_of_result(result: GenerationResult) -> dict[str, float]:
+    return combined_signals([signals_of(c.events) for c in result.choices])
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One call to one tier. Events are kept as they arrive, so any ending can be booked."""
+
+    route: Route
+    backend: Any
+    trace: Trace
+    final: bool  # no later tier can replace its answer
+    energy: EnergyMeter | None = None
+    prepared: Any = None
+    started: float = field(default_factory=time.perf_counter)
+    events: list[Event] = field(default_factory=list)
+    tokens: int = 0  # token events so far, all choices
+    first: float | None = None  # perf_counter of its first token
+    released: int = 0  # events handed to the caller so far
+    aborted: str | None = None  # early fallback's reason
+    result: GenerationResult | None = None  # set when it finished (or was aborted)
+    checks: list[OutputCheck] = field(default_factory=list)  # empty when aborted
+    signals: dict[str, float] = field(default_factory=dict)
+    confidence: float | None = None
+    record: AttemptRecord | None = None  # its ledger row, once booked
+    meter: EnergyToken | None = None
+
+    @property
+    def info(self) -> BackendInfo:
+        info: BackendInfo = self.backend.info
+        return info
+
+    @property
+    def sent(self) -> bool:
+        """Whether the caller has seen any of its output (then nothing can replace it)."""
+        return self.released > 0
+
+    @property
+    def valid(self) -> bool:
+        return self.result is not None and not self.aborted and all(c.valid for c in self.checks)
+
+    async def run(
+        self, req: GenerationRequest, window: int | None, *, prepare: bool
+    ) -> AsyncGenerator[Event, None]:
+        """Generate on the tier, yielding the events the caller may see now.
+
+        ``window``: tokens held back before the output is committed (None: all of it, 0: none).
+        Early fallback watches held tokens only: committed output is never switched."""
+        if prepare:
+            self.prepared = await asyncio.to_thread(prepare_on, self.backend, req)
+        watch = not self.final and self.route.cascades and self.route.early_fallback.enabled
+        watches: dict[int, CollapseWatch] = {}
+        committed = window == 0
+        if self.energy is not None:
+            self.meter = self.energy.start()
+        source = self.backend.generate(req, self.prepared)
+        try:
+            async for event in source:
+                self.events.append(event)
+                if isinstance(event, TokenEvent):
+                    self.tokens += 1
+                    self.first = self.first or time.perf_counter()
+                    if watch and not committed:
+                        rule = self.route.early_fallback
+                        self.aborted = watches.setdefault(event.index, CollapseWatch(rule)).push(
+                            event
+                        )
+                        if self.aborted:
+                            break
+                committed = committed or (window is not None and self.tokens >= window)
+                if committed:
+                    for held in self.release():
+                        yield held
+        finally:
+            await source.aclose()  # cancels the engine at its next step
+        self.finish(req)
+
+    def release(self) -> Iterator[Event]:
+        """The events not handed to the caller yet; each counts as sent once taken."""
+        while self.released < len(self.events):
+            self.released += 1
+            yield self.events[self.released - 1]
+
+    def consumed(self) -> GenerationResult:
+        """What it generated so far, with the prompt it was given."""
+        result = collect(self.events, self.info.name)
+        result.prompt_tokens = result.prompt_tokens or prompt_tokens_of(self.prepared)
+        return result
+
+    def finish(self, req: GenerationRequest) -> None:
+        """Fold the events into a result, its checks and confidence."""
+        self.result = self.consumed()
+        if not self.aborted:
+            self.checks = [check_output(req.constraint, c.text) for c in self.result.choices]
+        self.signals = signals_of_result(self.result)
+        self.confidence = self.signals.get(self.route.signal)
+
+    def book(
+        self,
+        outcome: AttemptOutcome,
+        req: GenerationRequest,
+        *,
+        reason: str | None = None,
+        error: BaseException | None = None,
+    ) -> AttemptRecord:
+        """Append its ledger row to the trace, once (later calls return that row): the tokens it
+        consumed up to now, their cost, latency and energy."""
+        if self.record is not None:
+            return self.record
+        if self.meter is not None and self.energy is not None:
+            energy: tuple[float, bool] | None = self.energy.stop(self.meter)
+        else:
+            energy = None
+        result = self.result if self.result is not None else self.consumed()
+        signals = self.signals if self.result is not None else signals_of_result(result)
+        trace, info = self.trace, self.info
+        rec = AttemptRecord(
+            request_id=trace.request_id,
+            attempt_no=len(trace.attempts),
+            route=self.route.name,
+            tier=info.tier,
+            backend=info.name,
+            model=info.model,
+            started_at=trace.created_at + (self.started - trace.started),
+            latency_s=time.perf_counter() - self.started,
+            ttft_s=None if self.first is None else self.first - self.started,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            cost_usd=attempt_cost(info, result.prompt_tokens, result.completion_tokens),
+            confidence=signals.get(self.route.signal),
+            signals={k: v for k, v in signals.items() if math.isfinite(v)},
+            outcome=outcome,
+            fallback_reason=reason,
+            task_id=trace.task_id,
+        )
+        specs = [c.spec for c in result.choices if c.spec is not None]
+        if specs:
+            rec.spec_drafted = sum(s.drafted for s in specs)
+            rec.spec_accepted = sum(s.accepted for s in specs)
+            rec.spec_steps = sum(s.steps for s in specs)
+        if energy is not None:
+            rec.energy_j, rec.energy_measured = energy
+        if trace.pre_score is not None:
+            rec.signals["pre_score"] = trace.pre_score
+        if self.checks:
+            rec.schema_valid = schema_valid_of(req, self.checks)
+            rec.executable = executable_of(self.checks, result)
+        if error is not None:
+            rec.error = f"{type(error).__name__}: {error}"[:500]
+            level = logging.INFO if outcome == "cancelled" else logging.WARNING
+            log.log(level, "tier %s %s for %s: %s", info.name, outcome, trace.request_id,
+                    rec.error)  # fmt: skip
+        self.record = rec
+        trace.attempts.append(rec)
+        return rec

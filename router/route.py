@@ -1,0 +1,44 @@
+"""A route: the tiers one public model name runs on, cheapest first, and the policy over them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from decoding.types import Speculation
+from router.confidence import DEFAULT_SIGNAL, SIGNALS, EarlyFallback
+from router.pre import PreRouter
+
+Policy = Literal["single", "cascade", "pre", "pre_cascade"]
+POLICIES: tuple[Policy, ...] = ("single", "cascade", "pre", "pre_cascade")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    tiers: tuple[str, ...]  # backend names, cheapest first
+    policy: Policy = "single"
+    signal: str = DEFAULT_SIGNAL  # which confidence signal the threshold applies to
+    threshold: float = 0.0  # escalate when confidence < threshold (0: only on failures)
+    early_fallback: EarlyFallback = field(default_factory=EarlyFallback)
+    pre: PreRouter = field(default_factory=PreRouter)
+    speculation: Speculation | None = None  # None: each backend's default
+    stream_commit_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if not self.tiers:
+            raise ValueError(f"route {self.name!r} needs at least one tier")
+        if self.policy not in POLICIES:
+            raise ValueError(f"route {self.name!r}: policy must be one of {POLICIES}")
+        if self.policy != "single" and len(self.tiers) < 2:
+            raise ValueError(f"route {self.name!r}: policy {self.policy!r} needs two tiers")
+        if self.signal not in SIGNALS:
+            raise ValueError(f"route {self.name!r}: unknown signal {self.signal!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"route {self.name!r}: threshold must be in [0, 1]")
+        if self.stream_commit_tokens < 0:
+            raise ValueError(f"route {self.name!r}: stream_commit_tokens must be >= 0")
+
+    @property
+    def cascades(self) -> bool:
+        return self.policy in ("cascade", "pre_cascade")

@@ -1,0 +1,192 @@
+"""The one tier loop behind ``Router.complete`` and ``Router.stream``.
+
+``run_tiers`` tries the plan's tiers in order and yields the events the caller may see, then
+the ``Answer`` as its last item. ``complete`` runs it with nothing streamed (every output is
+decided whole); ``stream`` forwards the events. Both therefore take the same decisions, made by
+the small pure functions below:
+
+* ``commit_window``: how much of an attempt is held back before the caller sees it.
+* ``escalation_reason`` / ``after_finish``: accept a finished attempt, hand over to the next
+  tier, or fall back to a valid earlier answer when the last one is invalid.
+* ``after_error``: on a failure, the next tier, the earlier answer, or the error itself.
+
+Output the caller has seen is final: it is never replaced, and its confidence is recorded, not
+acted on. Every attempt lands in the trace whichever way it ends, a cancellation included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from typing import Any, Literal
+
+from decoding.types import GenerationRequest
+from router.answer import Answer, Plan, Trace, executable_of
+from router.attempt import Attempt, Event, is_cancellation
+from router.cost import counterfactual_cost
+from router.energy import EnergyMeter
+from router.records import AttemptOutcome
+from router.route import Route
+from schemas.errors import ContextLengthError, SlmgateError
+
+Step = Literal["accept", "next", "fall_back", "raise"]
+
+
+def is_caller_error(exc: BaseException) -> bool:
+    """A 4xx caused by the request itself: retrying it on another tier cannot help."""
+    return (
+        isinstance(exc, SlmgateError)
+        and 400 <= exc.status < 500
+        and not exc.retryable
+        and not isinstance(exc, ContextLengthError)
+    )
+
+
+def commit_window(route: Route, *, final: bool, fallback: bool, streaming: bool) -> int | None:
+    """Tokens an attempt holds back before its output is committed to the caller: None holds
+    all of it (a whole answer, decided at its end), 0 sends at once (nothing could replace it),
+    else the route's ``stream_commit_tokens`` (a later tier, or a kept earlier answer, may)."""
+    if not streaming:
+        return None
+    if not route.cascades or (final and not fallback):
+        return 0
+    return route.stream_commit_tokens
+
+
+def escalation_reason(route: Route, att: Attempt) -> str | None:
+    """Why a finished (or aborted) attempt should hand over to the next tier; None: accept it.
+    The last tier, and output the caller has already seen, are never escalated."""
+    if att.final or att.sent or att.result is None:
+        return None
+    if att.aborted:
+        return att.aborted
+    if not all(c.valid for c in att.checks):
+        truncated = any(c.finish_reason == "length" for c in att.result.choices)
+        return "truncated" if truncated else "invalid"
+    if executable_of(att.checks, att.result) is False:
+        return "not_executable"
+    if att.confidence is not None and att.confidence < route.threshold:
+        return "low_confidence"
+    return None
+
+
+def after_finish(reason: str | None, *, sent: bool, valid: bool, kept_valid: bool) -> Step:
+    """A finished attempt: escalate when there is a reason, fall back to the kept earlier answer
+    when this (last) one is invalid and that one is valid, else accept."""
+    if sent:
+        return "accept"
+    if reason is not None:
+        return "next"
+    return "fall_back" if not valid and kept_valid else "accept"
+
+
+def after_error(*, final: bool, caller: bool, sent: bool, kept: bool) -> Step:
+    """A failed attempt: the next tier while one is left and the request is not at fault, else
+    an earlier answer when one was kept, else the error. Seen output cannot be replaced."""
+    if sent:
+        return "raise"
+    if not (final or caller):
+        return "next"
+    return "fall_back" if kept else "raise"
+
+
+def outcome_of(step: Step, att: Attempt) -> AttemptOutcome:
+    if step == "accept":
+        return "accepted"
+    return "aborted" if att.aborted else "escalated"
+
+
+def better(a: Attempt, b: Attempt) -> bool:
+    """Whether escalated answer ``a`` is a better stand-in than ``b``: valid first, then surer."""
+    return (a.valid, a.confidence or 0.0) > (b.valid, b.confidence or 0.0)
+
+
+async def run_tiers(
+    plan: Plan,
+    req: GenerationRequest,
+    trace: Trace,
+    backends: Sequence[Any],
+    energy: EnergyMeter | None = None,
+    *,
+    streaming: bool,
+) -> AsyncGenerator[Event | Answer, None]:
+    """Run ``plan`` to an answer (the last item). ``backends``: one per route tier.
+
+    Streaming, the events before the answer are its output as the caller may see it; an
+    attempt's held-back events are released when it is accepted, and a kept earlier answer's
+    when the request falls back to it."""
+    route = plan.route
+    reason = plan.skip_reason
+    kept: Attempt | None = None  # best finished, escalated attempt so far
+    for tier in range(plan.start, plan.last + 1):
+        att = Attempt(route, backends[tier], trace, tier == plan.last, energy,
+                      plan.prepared.get(tier))  # fmt: skip
+        window = commit_window(route, final=att.final, fallback=kept is not None,
+                               streaming=streaming)  # fmt: skip
+        if streaming:
+            trace.streaming_from = att.info.name
+        failure: Exception | None = None
+        try:
+            async with aclosing(att.run(req, window, prepare=tier not in plan.prepared)) as out:
+                async for event in out:
+                    yield event
+        except Exception as exc:
+            if is_cancellation(exc):
+                att.book("cancelled", req, error=exc)
+                raise
+            failure = exc
+        except BaseException as exc:  # CancelledError, GeneratorExit (the stream was closed)
+            att.book("cancelled", req, error=exc)
+            raise
+        finally:
+            if att.result is None and failure is None:  # cut off some other way: still booked
+                att.book("cancelled", req)
+        if failure is not None:
+            step = after_error(final=att.final, caller=is_caller_error(failure), sent=att.sent,
+                               kept=kept is not None)  # fmt: skip
+            att.book("error", req, reason="backend_error" if step == "next" else None,
+                     error=failure)  # fmt: skip
+            if step == "raise":
+                raise failure
+            if step == "next":
+                reason = "backend_error"
+        else:
+            why = escalation_reason(route, att)
+            step = after_finish(why, sent=att.sent, valid=att.valid,
+                                kept_valid=kept is not None and kept.valid)  # fmt: skip
+            invalid = "invalid" if step == "fall_back" else None  # finished, but not used
+            att.book(outcome_of(step, att), req, reason=why or invalid)
+            if step == "accept":
+                if streaming:
+                    for event in att.release():
+                        yield event
+                yield answer_of(att, trace, backends[-1], reason)
+                return
+            if step == "next":
+                reason = why
+                if not att.aborted and (kept is None or better(att, kept)):
+                    kept = att
+        if step == "fall_back":
+            assert kept is not None
+            assert kept.record is not None
+            kept.record.outcome = "accepted"  # the ledger says which answer was used
+            if streaming:
+                trace.streaming_from = kept.info.name
+                for event in kept.release():
+                    yield event
+            yield answer_of(kept, trace, backends[-1], reason)
+            return
+    raise AssertionError("unreachable: the last tier always decides")
+
+
+def answer_of(att: Attempt, trace: Trace, top: Any, reason: str | None) -> Answer:
+    """The accepted attempt as an answer; cost counts every attempt, counterfactual prices its
+    tokens at the route's top tier."""
+    assert att.result is not None
+    result = att.result
+    cost = sum(a.cost_usd for a in trace.attempts)
+    counterfactual = counterfactual_cost(top.info, result.prompt_tokens, result.completion_tokens)
+    return Answer(
+        result, att.checks, att.info, att.route.name, cost, counterfactual,
+        att.confidence, att.signals, reason, trace.attempts,
+    )  # fmt: skip
