@@ -15,12 +15,15 @@ from prometheus_client import (
     generate_latest,
 )
 
+from router.ledger.writer import QUEUE_FULL, WRITE_FAILED
 from router.records import RequestRecord
 
 #: The classic text format every Prometheus version parses (all names here are legacy-valid);
 #: prometheus_client ≥ 0.22 advertises 1.0.0, which Prometheus 2.x does not recognise.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER_STATES = ("closed", "open", "half_open")
+#: Why the ledger dropped records: refused on arrival, or given up by its writer.
+LEDGER_DROP_REASONS = (QUEUE_FULL, WRITE_FAILED)
 NO_TIER = "none"  # label for requests no tier answered (errors before or during every attempt)
 #: Latency buckets in seconds: sub-100 ms cache-like answers up to multi-minute CPU generations.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -88,6 +91,13 @@ class GatewayMetrics:
         self.ledger_failures = Counter("ledger_write_failures", "Failed ledger writes (the "
                                        "ledger's on_failure calls).", namespace=ns,
                                        registry=r)  # fmt: skip
+        self.ledger_dropped = Counter("ledger_records_dropped", "Request records the ledger "
+                                      "gave up on (the ledger's on_drop calls), by reason: "
+                                      "queue_full (refused on arrival) or write_failed (retries "
+                                      "spent, duplicate id, unwritten at close).", ["reason"],
+                                      namespace=ns, registry=r)  # fmt: skip
+        for reason in LEDGER_DROP_REASONS:  # exported at 0, so alerts see the series at once
+            self.ledger_dropped.labels(reason)
 
     def observe_request(self, rec: RequestRecord) -> None:
         """Count one finished request and its attempts."""
@@ -138,6 +148,12 @@ class GatewayMetrics:
     def ledger_write_failure(self, exc: BaseException | None = None) -> None:
         """Count one failed ledger write; fits ``Ledger(on_failure=...)`` as is."""
         self.ledger_failures.inc()
+
+    def ledger_records_dropped(self, n: int, reason: str) -> None:
+        """Count ``n`` records the ledger dropped; fits ``Ledger(on_drop=...)`` as is."""
+        if reason not in LEDGER_DROP_REASONS:
+            reason = WRITE_FAILED  # a bounded label set whatever a caller passes
+        self.ledger_dropped.labels(reason).inc(_amount(n))
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type, for ``GET /metrics``."""

@@ -7,34 +7,46 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+MAX_WINDOW_DAYS = 3650
+MAX_WINDOW_S = MAX_WINDOW_DAYS * 86400.0
+_BOUNDS = f"window must be more than 0 s and at most {MAX_WINDOW_DAYS} days"
 
 
 def parse_window(text: str | float | None) -> float | None:
     """Seconds for a window like ``90``, ``30s``, ``15m``, ``24h``, ``7d``, ``2w``.
 
     ``None``, ``""`` and ``"all"`` mean no window (all data). Raises ``ValueError`` on anything
-    else, so the gateway can answer 400 rather than silently showing all data.
+    else — including zero, negative, non-finite and longer than ``MAX_WINDOW_DAYS`` (3650 days;
+    beyond that a start time loses meaning and huge figures overflow) — so the gateway answers
+    400 rather than silently showing all data.
     """
     if text is None:
         return None
     if isinstance(text, bool):
         raise ValueError(f"invalid window {text!r}")
     if isinstance(text, int | float):
-        if not math.isfinite(text) or text <= 0:
-            raise ValueError(f"window must be a positive number of seconds, got {text!r}")
-        return float(text)
+        try:
+            seconds = float(text)
+        except OverflowError:  # an int too large for a float
+            seconds = math.inf
+        return _bounded(seconds, repr(text)[:40])
     if text.strip().lower() in ("", "all"):
         return None
     match = _WINDOW.match(text)
     if match is None:
-        raise ValueError(f"invalid window {text!r}: use e.g. 900, 15m, 24h, 7d or all")
+        raise ValueError(f"invalid window {text[:40]!r}: use e.g. 900, 15m, 24h, 7d or all")
     seconds = float(match.group(1)) * _UNITS[(match.group(2) or "s").lower()]
-    if seconds <= 0:
-        raise ValueError(f"window must be positive, got {text!r}")
+    return _bounded(seconds, repr(text.strip()[:40]))
+
+
+def _bounded(seconds: float, shown: str) -> float:
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_WINDOW_S:
+        raise ValueError(f"{_BOUNDS} ({MAX_WINDOW_S:.0f} s), got {shown}")
     return seconds
 
 
@@ -68,6 +80,59 @@ def cps(cost_usd: float, successful_tasks: int) -> float | None:
     None when nothing succeeded: the cost per success is then unbounded, not zero.
     """
     return None if successful_tasks <= 0 else cost_usd / successful_tasks
+
+
+def savings(counterfactual_usd: float, cost_usd: float) -> float | None:
+    """What the window saved against running every request on the route's top tier; None when
+    that tier has no price (a counterfactual of 0 makes any saving meaningless, not negative)."""
+    return None if counterfactual_usd <= 0 else counterfactual_usd - cost_usd
+
+
+#: ``outcome_source`` values that carry an outcome; anything else (NULL) is unknown.
+BASES = ("reported", "inferred")
+Group = tuple[int, int, float]  # tasks, successful tasks, cost in USD
+
+
+def outcome_figures(tasks: int, successes: int, cost_usd: float) -> dict[str, Any]:
+    """Task count, successes, cost, success rate and CPS of one set of tasks."""
+    return {
+        "tasks": tasks,
+        "successful_tasks": successes,
+        "cost_usd": cost_usd,
+        "success_rate": rate(successes, tasks),
+        "cps_usd": cps(cost_usd, successes),
+    }
+
+
+def outcomes(groups: Mapping[str | None, Group]) -> dict[str, dict[str, Any]]:
+    """Figures per outcome basis from ``(tasks, successes, cost)`` per ``outcome_source``.
+
+    ``reported`` and ``inferred`` are kept apart; ``combined`` is both together (labelled as
+    such, never the headline); ``unknown`` (free-text tasks with no reported
+    outcome) counts tasks and cost only: it is neither a success nor a failure.
+    """
+    reported = groups.get("reported", (0, 0, 0.0))
+    inferred = groups.get("inferred", (0, 0, 0.0))
+    unknown = _total([g for source, g in groups.items() if source not in BASES])
+    return {
+        "reported": outcome_figures(*reported),
+        "inferred": outcome_figures(*inferred),
+        "combined": outcome_figures(*_total([reported, inferred])),
+        "unknown": {"tasks": unknown[0], "cost_usd": unknown[2]},
+    }
+
+
+def _total(groups: Sequence[Group]) -> Group:
+    return (
+        sum(g[0] for g in groups),
+        sum(g[1] for g in groups),
+        sum((g[2] for g in groups), 0.0),
+    )
+
+
+def cps_basis(reported_tasks: int) -> str:
+    """The headline's basis: reported outcomes whenever the window has any, else inferred."""
+    return "reported" if reported_tasks > 0 else "inferred"
 
 
 def energy_measured(measured: int, with_energy: int) -> bool | None:

@@ -44,6 +44,8 @@ CARD_PATHS: dict[str, tuple[str, ...]] = {
     "tasks": ("tasks",),
     "success-rate": ("success_rate",),
     "tasks-with-outcome": ("tasks_with_outcome",),
+    "tasks-inferred": ("outcomes", "inferred", "tasks"),
+    "tasks-unknown": ("outcomes", "unknown", "tasks"),
     "schema-validity": ("schema_validity_rate",),
     "executable-rate": ("executable_call_rate",),
     "fallback-rate": ("fallback_rate",),
@@ -82,14 +84,40 @@ def bucket(i: int, requests: int, tasks: int, ok: int, cost: float) -> dict[str,
             "success_rate": ok / tasks if tasks else None}  # fmt: skip
 
 
+def figures(tasks: int, ok: int, cost: float) -> dict[str, Any]:
+    """One basis of the stats' ``outcomes`` block."""
+    return {
+        "tasks": tasks,
+        "successful_tasks": ok,
+        "cost_usd": cost,
+        "success_rate": ok / tasks if tasks else None,
+        "cps_usd": cost / ok if ok else None,
+    }
+
+
+def outcomes(
+    reported: tuple[int, int, float], inferred: tuple[int, int, float], unknown: tuple[int, float]
+) -> dict[str, Any]:
+    both = (reported[0] + inferred[0], reported[1] + inferred[1], reported[2] + inferred[2])
+    return {
+        "reported": figures(*reported),
+        "inferred": figures(*inferred),
+        "combined": figures(*both),
+        "unknown": {"tasks": unknown[0], "cost_usd": unknown[1]},
+    }
+
+
 def stats_for(route: str | None) -> dict[str, Any]:
-    """Literal /v1/stats bodies: a busy route, a quiet one, one with no data at all."""
+    """Literal /v1/stats bodies: a busy route (reported outcomes), a quiet unpriced one
+    (inferred only), one with no data at all."""
     if route == "empty":
         return {
             "object": "slmgate.stats", "route": route, "requests": 0, "errors": 0, "tasks": 0,
-            "tasks_with_outcome": 0, "successful_tasks": 0, "success_rate": None,
-            "cost_usd": 0.0, "cps_usd": None, "counterfactual_cost_usd": 0.0,
-            "savings_usd": 0.0, "schema_validity_rate": None, "executable_call_rate": None,
+            "tasks_with_outcome": 0, "cps_basis": "inferred", "successful_tasks": 0,
+            "success_rate": None, "cost_usd": 0.0, "cps_usd": None,
+            "outcomes": outcomes((0, 0, 0.0), (0, 0, 0.0), (0, 0.0)),
+            "counterfactual_cost_usd": 0.0,
+            "savings_usd": None, "schema_validity_rate": None, "executable_call_rate": None,
             "fallback_rate": None, "fallback_reasons": {},
             "latency_s": {"p50": None, "p95": None}, "ttft_s": {"p50": None, "p95": None},
             "by_tier": {}, "speculation": {"drafted": 0, "accepted": 0, "steps": 0,
@@ -102,8 +130,10 @@ def stats_for(route: str | None) -> dict[str, Any]:
               bucket(3, 14, 6, 6, 0.0045)]  # fmt: skip
     stats: dict[str, Any] = {
         "object": "slmgate.stats", "route": route, "requests": 30, "errors": 1, "tasks": 12,
-        "tasks_with_outcome": 5, "successful_tasks": 9, "success_rate": 0.75,
-        "cost_usd": 0.0092, "cps_usd": 0.0092 / 9, "counterfactual_cost_usd": 0.0368,
+        "tasks_with_outcome": 4, "cps_basis": "reported", "successful_tasks": 3,
+        "success_rate": 0.75, "cps_usd": 0.0036 / 3,
+        "outcomes": outcomes((4, 3, 0.0036), (5, 4, 0.0032), (3, 0.0024)),
+        "cost_usd": 0.0092, "counterfactual_cost_usd": 0.0368,
         "savings_usd": 0.0276, "schema_validity_rate": 0.9, "executable_call_rate": 0.8125,
         "fallback_rate": 0.2, "fallback_reasons": {"low_confidence": 4, "invalid": 1, EVIL: 1},
         "latency_s": {"p50": 0.412, "p95": 2.75}, "ttft_s": {"p50": 0.061, "p95": 0.3},
@@ -118,10 +148,12 @@ def stats_for(route: str | None) -> dict[str, Any]:
         "energy": {"joules": 91.5, "joules_per_request": 3.05, "measured": False},
         "series": series,
     }  # fmt: skip
-    if route == "cheap":  # different numbers, measured energy, a speculation-free route
-        stats.update(requests=5, errors=0, tasks=2, successful_tasks=1, success_rate=0.5,
-                     cost_usd=0.0004, cps_usd=0.0004, counterfactual_cost_usd=0.0004,
-                     savings_usd=0.0, fallback_reasons={}, fallback_rate=0.0,
+    if route == "cheap":  # measured energy, no speculation, no reports, unpriced top tier
+        stats.update(requests=5, errors=0, tasks=3, tasks_with_outcome=0, cps_basis="inferred",
+                     successful_tasks=1, success_rate=0.5, cost_usd=0.0004, cps_usd=0.0003,
+                     outcomes=outcomes((0, 0, 0.0), (2, 1, 0.0003), (1, 0.0001)),
+                     counterfactual_cost_usd=0.0, savings_usd=None, fallback_reasons={},
+                     fallback_rate=0.0,
                      by_tier={"slm": {"attempts": 5, "answered": 5, "prompt_tokens": 300,
                                       "completion_tokens": 90, "cost_usd": 0.0004}},
                      speculation={"drafted": 0, "accepted": 0, "steps": 0,
@@ -215,6 +247,10 @@ class StandIn:
             refused = check(request)
             if refused:
                 return refused
+            if window == "1h":  # the ledger is down: 503, its writer's health still told
+                error = {"message": "the ledger is unavailable", "type": "overloaded_error",
+                         "param": None, "code": None}  # fmt: skip
+                return JSONResponse({"error": error, "ledger": LEDGER_FAILING}, 503)
             body = stats_for(route)
             seconds = {"15m": 900, "1h": 3600, "24h": 86400, "7d": 604800}.get(window)
             start = NOW - seconds if seconds else NOW - 30 * 86400
@@ -303,6 +339,15 @@ def artifacts() -> Path:
     return out
 
 
+def open_dashboard(page: Any, base: str, query: str = "", key: str = KEY) -> None:
+    """Open the page and type the key into its form, as a person does (never in the URL)."""
+    page.goto(f"{base}/dashboard{'?' + query if query else ''}")
+    page.wait_for_function("() => document.body.dataset.ready === 'auth'", timeout=20_000)
+    page.fill("[data-testid=key-input]", key)
+    page.press("[data-testid=key-input]", "Enter")
+    wait_ready(page)
+
+
 def wait_ready(page: Any) -> None:
     page.wait_for_function("() => document.body.dataset.ready !== '0'", timeout=20_000)
     assert page.evaluate("document.body.dataset.ready") == "1", page.text_content("#error")
@@ -322,11 +367,27 @@ def card_values(page: Any) -> dict[str, str]:
 
 def assert_cards_equal(page: Any, stats: dict[str, Any]) -> None:
     values = card_values(page)
-    assert set(values) == set(CARD_PATHS) | {"savings-pct"}
+    assert set(values) == set(CARD_PATHS) | {"savings-pct", "cps-other", "success-rate-other"}
     for testid, path in CARD_PATHS.items():
         assert shown(values[testid]) == dig(stats, path), testid
     cf, saved = stats["counterfactual_cost_usd"], stats["savings_usd"]
     assert shown(values["savings-pct"]) == (saved / cf if cf else None)
+    # the headline says its basis; the other basis is shown beside it, named
+    basis = stats["cps_basis"]
+    other = {"reported": "inferred", "inferred": "reported"}[basis]
+    for card in ("cps", "success-rate"):
+        assert page.text_content(f"[data-testid={card}-source]") == basis
+        assert page.get_attribute(f"[data-testid={card}]", "data-basis") == basis
+    assert shown(values["cps-other"]) == stats["outcomes"][other]["cps_usd"]
+    assert shown(values["success-rate-other"]) == stats["outcomes"][other]["success_rate"]
+    assert page.text_content("[data-testid=trend-basis]") == f" · {basis} outcomes"
+    sub = page.text_content("[data-testid=card-cps] .sub") or ""
+    assert sub.startswith(other + " ")
+    savings = page.text_content("[data-testid=savings]")
+    if saved is None:
+        assert savings == ("n/a — top tier has no price" if stats["requests"] else "—")
+    else:
+        assert (savings or "").startswith(("$", "-$"))
     measured = stats["energy"]["measured"]
     label = {True: "measured", False: "estimated", None: "none"}[measured]
     assert page.get_attribute("[data-testid=energy-per-request]", "data-measured") == label
@@ -382,19 +443,15 @@ def assert_tasks_equal(page: Any, rows: list[dict[str, Any]]) -> None:
 # ---- without a browser -----------------------------------------------------------------------
 
 
-def test_dashboard_page_requires_a_key_and_pins_its_script() -> None:
+def test_dashboard_shell_is_open_carries_no_data_and_pins_its_script() -> None:
+    """The shell needs no key (a person types it into the page); a ?key= changes nothing."""
     client = TestClient(StandIn().app)
-    refused = client.get("/dashboard")
-    assert refused.status_code == 401
-    assert "requires an API key" in refused.text
-    assert "refused" not in refused.text
-    wrong = client.get("/dashboard", params={"key": "nope"})
-    assert wrong.status_code == 401
-    assert "That key was refused" in wrong.text
-    for ok in (client.get("/dashboard", params={"key": KEY}),
-               client.get("/dashboard", headers={"Authorization": f"Bearer {KEY}"})):  # fmt: skip
+    pages = [client.get("/dashboard"), client.get("/dashboard", params={"key": KEY}),
+             client.get("/dashboard", headers={"Authorization": f"Bearer {KEY}"})]  # fmt: skip
+    for ok in pages:
         assert ok.status_code == 200
         assert ok.headers["cache-control"] == "no-store"
+        assert ok.headers["referrer-policy"] == "no-referrer"
         csp = ok.headers["content-security-policy"]
         nonce = re.search(r"script-src 'nonce-([^']+)'", csp)
         assert nonce is not None
@@ -402,20 +459,30 @@ def test_dashboard_page_requires_a_key_and_pins_its_script() -> None:
         assert re.findall(r"<script nonce=\"([^\"]+)\"", ok.text) == [nonce.group(1)]
         # No CDN or other host: the only absolute URL is the SVG namespace.
         assert set(re.findall(r"https?://[^\s\"'`)]+", ok.text)) == {"http://www.w3.org/2000/svg"}
+        assert '<body data-ready="0" data-auth="key">' in ok.text  # ask for a key up front
+        assert KEY not in ok.text
+    # the same page whatever the URL says, bar the per-response nonce
+    nonces = [
+        re.findall(r"'nonce-([^']+)'", p.headers["content-security-policy"])[0] for p in pages
+    ]
+    assert len({p.text.replace(n, "") for p, n in zip(pages, nonces, strict=True)}) == 1
+    assert 'get("key")' not in pages[0].text  # the script never reads a key from the URL
 
 
 def test_dashboard_is_open_without_configured_keys() -> None:
     app = FastAPI()
     app.include_router(dashboard_router(lambda: []))
-    assert TestClient(app).get("/dashboard").status_code == 200
+    page = TestClient(app).get("/dashboard")
+    assert page.status_code == 200
+    assert '<body data-ready="0" data-auth="open">' in page.text
 
 
 def test_a_single_key_string_is_one_key() -> None:
     app = FastAPI()
     app.include_router(dashboard_router("sk-one"))
-    client = TestClient(app)
-    assert client.get("/dashboard", params={"key": "s"}).status_code == 401
-    assert client.get("/dashboard", params={"key": "sk-one"}).status_code == 200
+    page = TestClient(app).get("/dashboard")
+    assert page.status_code == 200
+    assert 'data-auth="key"' in page.text
 
 
 # ---- in Chromium -----------------------------------------------------------------------------
@@ -425,10 +492,9 @@ def test_a_single_key_string_is_one_key() -> None:
 def test_numbers_and_charts_equal_the_stats(page: Any, standin: tuple[StandIn, str]) -> None:
     fake, base = standin
     fake.seen.clear()
-    page.goto(f"{base}/dashboard?key={KEY}&window=24h")
-    wait_ready(page)
-    assert "key=" not in page.url  # moved to sessionStorage, out of the address bar and history
+    open_dashboard(page, base, "window=24h")
     assert page.evaluate("sessionStorage.getItem('slmgate.key')") == KEY
+    assert page.input_value("[data-testid=key-input]") == ""  # not left in the DOM
     stats = httpx.get(f"{base}/v1/stats", params={"window": "24h", "buckets": 24},
                       headers={"Authorization": f"Bearer {KEY}"}).json()  # fmt: skip
     assert_cards_equal(page, stats)
@@ -437,6 +503,7 @@ def test_numbers_and_charts_equal_the_stats(page: Any, standin: tuple[StandIn, s
     assert page.is_hidden("[data-testid=ledger-health]")
     # Formatted text says the same as the raw values.
     assert page.text_content("[data-testid=success-rate]") == "75.0%"
+    assert page.text_content("[data-testid=success-rate-other]") == "80.0%"  # inferred
     assert page.text_content("[data-testid=fallback-rate]") == "20.0%"
     assert page.text_content("[data-testid=latency-p50]") == "412 ms"
     assert page.text_content("[data-testid=latency-p95]") == "2.75 s"
@@ -456,8 +523,7 @@ def test_numbers_and_charts_equal_the_stats(page: Any, standin: tuple[StandIn, s
 @pytest.mark.slow
 def test_route_and_window_selectors(page: Any, standin: tuple[StandIn, str]) -> None:
     fake, base = standin
-    page.goto(f"{base}/dashboard?key={KEY}")
-    wait_ready(page)
+    open_dashboard(page, base)
     assert page.eval_on_selector_all("#route option", "els => els.map(e => e.value)") == [
         "",
         "auto",
@@ -471,14 +537,27 @@ def test_route_and_window_selectors(page: Any, standin: tuple[StandIn, str]) -> 
     assert_charts_equal(page, stats_for("cheap"))
     assert_tasks_equal(page, [t for t in TASKS if t["route"] == "cheap"])
     assert page.text_content("[data-testid=energy-per-request-source]") == "measured"
+    assert page.text_content("[data-testid=savings]") == "n/a — top tier has no price"
+    assert page.text_content("[data-testid=cps-source]") == "inferred"
+    assert page.text_content("[data-testid=cps-other]") == "—"  # nothing reported here
     assert page.text_content("[data-testid=ledger-health]") == (
         "Ledger: writes failing (OperationalError: database is locked); 3 records dropped, "
         "1 queued — figures may be incomplete."
     )
+    page.select_option("#window", "1h")  # a ledger outage: 503 with the writer's health
+    page.wait_for_function("() => document.body.dataset.ready !== '0'", timeout=20_000)
+    assert page.evaluate("document.body.dataset.ready") == "error"
+    assert page.text_content("[data-testid=error]") == (
+        "Could not load the stats: the ledger is unavailable"
+    )
+    assert page.is_visible("[data-testid=ledger-health]")
+    assert "3 records dropped" in (page.text_content("[data-testid=ledger-health]") or "")
+    page.errors.clear()  # the browser logs the 503 itself
     page.select_option("#window", "7d")
     wait_ready(page)
     queries = [q for path, q, _ in fake.seen if path == "/v1/stats"]
-    assert queries == ["window=24h&route=cheap&buckets=24", "window=7d&route=cheap&buckets=24"]
+    assert queries == ["window=24h&route=cheap&buckets=24", "window=1h&route=cheap&buckets=24",
+                       "window=7d&route=cheap&buckets=24"]  # fmt: skip
     assert page.url.endswith("/dashboard?route=cheap&window=7d")
     page.select_option("#route", "empty")
     wait_ready(page)
@@ -492,8 +571,7 @@ def test_route_and_window_selectors(page: Any, standin: tuple[StandIn, str]) -> 
 @pytest.mark.slow
 def test_drill_down_to_one_task(page: Any, standin: tuple[StandIn, str]) -> None:
     _, base = standin
-    page.goto(f"{base}/dashboard?key={KEY}")
-    wait_ready(page)
+    open_dashboard(page, base)
     page.click("[data-testid=task-row][data-task-id='t-1']")
     wait_detail(page, "t-1")
     detail = page.locator("[data-testid=task-detail]")
@@ -526,14 +604,39 @@ def test_drill_down_to_one_task(page: Any, standin: tuple[StandIn, str]) -> None
 
 @pytest.mark.slow
 def test_key_form_opens_the_dashboard(page: Any, standin: tuple[StandIn, str]) -> None:
-    _, base = standin
+    fake, base = standin
+    fake.seen.clear()
     response = page.goto(f"{base}/dashboard")
-    assert response.status == 401
-    page.fill("input[name=key]", KEY)
-    page.click("button")
+    assert response.status == 200  # the shell: no data, no key needed
+    page.wait_for_function("() => document.body.dataset.ready === 'auth'", timeout=20_000)
+    assert page.is_visible("[data-testid=keybox]")
+    assert fake.seen == []  # asked for the key before any call
+    page.fill("[data-testid=key-input]", "sk-wrong")
+    page.press("[data-testid=key-input]", "Enter")
+    page.wait_for_function("() => document.body.dataset.ready === 'auth'", timeout=20_000)
+    assert page.is_visible("[data-testid=keybox]")  # refused: asked again
+    page.fill("[data-testid=key-input]", KEY)
+    page.press("[data-testid=key-input]", "Enter")
+    wait_ready(page)
+    assert_cards_equal(page, stats_for(None))
+    assert {auth for _, _, auth in fake.seen} == {"Bearer sk-wrong", f"Bearer {KEY}"}
+    assert all("key" not in query for _, query, _ in fake.seen)
+    assert all("key=" not in url for url in page.requested)
+    # a reload keeps the key for the tab's session, out of every URL
+    page.reload()
     wait_ready(page)
     assert "key=" not in page.url
-    assert_cards_equal(page, stats_for(None))
+
+
+@pytest.mark.slow
+def test_a_key_in_the_url_is_never_used(page: Any, standin: tuple[StandIn, str]) -> None:
+    fake, base = standin
+    fake.seen.clear()
+    page.goto(f"{base}/dashboard?key={KEY}&window=7d")
+    page.wait_for_function("() => document.body.dataset.ready === 'auth'", timeout=20_000)
+    assert fake.seen == []  # nothing sent with it
+    assert page.evaluate("sessionStorage.getItem('slmgate.key')") is None
+    assert page.url.endswith("/dashboard?window=7d")  # and it left the address bar
 
 
 # ---- against a live gateway ------------------------------------------------------------------
@@ -632,10 +735,13 @@ def run_script(base: str) -> dict[str, Any]:
 @pytest.mark.slow
 def test_live_dashboard_equals_the_gateways_stats(page: Any, live: dict[str, Any]) -> None:
     base, auth = live["base"], {"Authorization": f"Bearer {LIVE_KEY}"}
-    assert httpx.get(f"{base}/dashboard", timeout=30).status_code == 401
+    shell = httpx.get(f"{base}/dashboard", timeout=30)
+    assert shell.status_code == 200  # the shell is open; its data is not
+    assert 'data-auth="key"' in shell.text
+    assert httpx.get(f"{base}/v1/stats", timeout=30).status_code == 401
+    assert httpx.get(f"{base}/v1/stats", params={"key": LIVE_KEY}, timeout=30).status_code == 401
     # window=all: the page and this test read the same rows whatever the clock says.
-    page.goto(f"{base}/dashboard?key={LIVE_KEY}&window=all")
-    wait_ready(page)
+    open_dashboard(page, base, "window=all", key=LIVE_KEY)
     for route in ("", "cascade", "auto"):
         if route:
             page.select_option("#route", route)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import GatewayMetrics
+from router.ledger import Ledger
 from router.records import AttemptRecord, RequestRecord
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -189,3 +193,40 @@ def test_each_instance_has_its_own_registry() -> None:
     a.observe_request(direct())
     assert value(scrape(a), "slmgate_requests_total", route="auto", tier="slm", status="200") == 1
     assert not any(name == "slmgate_requests_total" for name, _ in scrape(b))
+
+
+def test_ledger_records_dropped_by_reason() -> None:
+    m = GatewayMetrics()
+    s = scrape(m)
+    assert value(s, "slmgate_ledger_records_dropped_total", reason="queue_full") == 0
+    assert value(s, "slmgate_ledger_records_dropped_total", reason="write_failed") == 0
+    m.ledger_records_dropped(3, "write_failed")
+    m.ledger_records_dropped(1, "queue_full")
+    m.ledger_records_dropped(2, "something else")  # unknown reasons stay in the bounded set
+    m.ledger_records_dropped(-5, "queue_full")  # a bad figure never lowers a counter
+    s = scrape(m)
+    assert value(s, "slmgate_ledger_records_dropped_total", reason="write_failed") == 5
+    assert value(s, "slmgate_ledger_records_dropped_total", reason="queue_full") == 1
+
+
+def test_ledger_outage_drops_reach_the_counter(tmp_path: Path) -> None:
+    """Wired as ``Ledger(on_drop=metrics.ledger_records_dropped)``: a database that is not there
+    (its directory is missing) drops every record after the retries; /metrics counts them."""
+    m = GatewayMetrics()
+    ledger = Ledger(f"sqlite:///{tmp_path / 'missing' / 'l.db'}", queue_size=2, retries=1,
+                    backoff_s=0.0, on_failure=m.ledger_write_failure,
+                    on_drop=m.ledger_records_dropped)  # fmt: skip
+    rec = direct()
+    for i in range(3):  # the writer is not running yet: the third finds the queue full
+        ledger.record(replace(rec, request_id=f"r{i}"))
+    ledger.start()
+    try:
+        assert ledger.flush(30)
+        health = ledger.health()
+        assert (health["dropped_queue_full"], health["dropped_write_failed"]) == (1, 2)
+        s = scrape(m)
+        assert value(s, "slmgate_ledger_records_dropped_total", reason="queue_full") == 1
+        assert value(s, "slmgate_ledger_records_dropped_total", reason="write_failed") == 2
+        assert value(s, "slmgate_ledger_write_failures_total") == health["write_failures"]
+    finally:
+        ledger.close()

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 import sqlalchemy as sa
@@ -24,11 +25,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from router.ledger import Ledger, LedgerUnavailable, batch_rows, records_from_task
 from router.records import AttemptRecord, RequestRecord
+from tests import postgres
 from tests.postgres import pg_schema
 
 STATS_KEYS = {
     "object", "window", "route", "requests", "errors", "tasks", "tasks_with_outcome",
-    "successful_tasks", "success_rate", "cost_usd", "cps_usd", "counterfactual_cost_usd",
+    "cps_basis", "outcomes", "successful_tasks", "success_rate", "cost_usd", "cps_usd",
+    "counterfactual_cost_usd",
     "savings_usd", "schema_validity_rate", "executable_call_rate", "fallback_rate",
     "fallback_reasons", "latency_s", "ttft_s", "by_tier", "speculation", "energy", "series",
 }  # fmt: skip
@@ -50,7 +53,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'ledger.db'}"
         return
     if not _pg_reachable():
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+        postgres.service_missing("PostgreSQL is not reachable at 127.0.0.1:5432")
     with pg_schema(prefix="ledger_test") as url:
         yield url
 
@@ -134,10 +137,11 @@ def load(ledger: Ledger, records: list[RequestRecord]) -> None:
 
 
 def load_dataset(ledger: Ledger) -> None:
-    ledger.set_outcome("A", False)  # overrides an inferred success
     load(ledger, dataset())
-    ledger.set_outcome("c1", True, score=0.9)  # overrides an inferred failure (executable False)
-    ledger.set_outcome("E", True)  # a task with no requests: counted nowhere
+    assert ledger.set_outcome("A", False) is True  # overrides an inferred success
+    # overrides an inferred failure (executable False)
+    assert ledger.set_outcome("c1", True, score=0.9) is True
+    assert ledger.set_outcome("E", True) is False  # a task with no requests: unknown, not stored
 
 
 def assert_close(actual: Any, expected: Any, path: str = "") -> None:
@@ -199,7 +203,8 @@ def test_rows_round_trip(ledger: Ledger) -> None:
 
 
 def test_request_without_task_id_is_its_own_task(ledger: Ledger) -> None:
-    load(ledger, [req("solo", 1.0, [att("solo", 0, "slm", cost_usd=0.5)])])
+    load(ledger, [req("solo", 1.0, [att("solo", 0, "slm", cost_usd=0.5)], expects_json=True,
+                      schema_valid=True)])  # fmt: skip
     task = ledger.task("solo")
     assert task is not None
     assert task["created_at"] == 1.0
@@ -222,7 +227,9 @@ def test_request_without_task_id_is_its_own_task(ledger: Ledger) -> None:
 def test_inferred_success_needs_every_request_to_succeed(
     ledger: Ledger, kwargs: dict[str, Any], success: bool
 ) -> None:
-    load(ledger, [req("ok", 1.0, [att("ok", 0, "slm")], task_id="T"),
+    """A task with a checked request (here a JSON one) is inferred from all its requests."""
+    load(ledger, [req("ok", 1.0, [att("ok", 0, "slm")], task_id="T", expects_json=True,
+                      schema_valid=True),
                   req("x", 2.0, [att("x", 0, "slm")], task_id="T", **kwargs)])  # fmt: skip
     task = ledger.task("T")
     assert task is not None
@@ -233,28 +240,77 @@ def test_inferred_success_needs_every_request_to_succeed(
     ]
 
 
-def test_outcome_before_requests(ledger: Ledger) -> None:
-    ledger.set_outcome("T", False, score=0.25)
-    placeholder = ledger.task("T")
-    assert placeholder is not None
-    assert placeholder["created_at"] is None
-    assert placeholder["requests"] == []
-    assert ledger.tasks() == []  # no request yet: not listed, not counted
-    assert ledger.stats(None, None, now=100.0)["tasks"] == 0
-    load(ledger, [req("r1", 5.0, [att("r1", 0, "slm", cost_usd=0.1)], task_id="T")])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"status": 500}, {"status": 504, "error_type": "timeout"}, {"stream": True}]
+)
+def test_free_text_tasks_are_unknown_until_reported(ledger: Ledger, kwargs: dict[str, Any]) -> None:
+    """No schema, no tools: a 200 is not a success (nor an error a failure) by inference."""
+    load(ledger, [req("f1", 1.0, [att("f1", 0, "slm", cost_usd=0.25)], task_id="T"),
+                  req("f2", 2.0, [att("f2", 0, "slm", cost_usd=0.5)], task_id="T",
+                      **kwargs)])  # fmt: skip
     task = ledger.task("T")
     assert task is not None
-    assert (task["success"], task["outcome_source"], task["score"]) == (False, "reported", 0.25)
-    assert task["created_at"] == 5.0
-    listed = ledger.tasks()
-    assert listed[0]["success"] is False
-    assert listed[0]["outcome_source"] == "reported"
-    stats = ledger.stats(None, None, now=100.0)
-    assert (stats["tasks"], stats["tasks_with_outcome"], stats["successful_tasks"]) == (1, 1, 0)
+    assert (task["success"], task["outcome_source"]) == (None, None)
+    (listed,) = ledger.tasks()
+    assert (listed["success"], listed["outcome_source"], listed["cost_usd"]) == (None, None, 0.75)
+    stats = ledger.stats(None, None, now=10.0)
+    assert (stats["tasks"], stats["successful_tasks"], stats["cps_basis"]) == (1, 0, "inferred")
+    assert stats["outcomes"]["unknown"] == {"tasks": 1, "cost_usd": 0.75}
+    assert stats["outcomes"]["inferred"]["tasks"] == 0
+    assert ledger.set_outcome("T", True) is True
+    stats = ledger.stats(None, None, now=10.0)
+    assert (stats["cps_basis"], stats["cps_usd"], stats["success_rate"]) == ("reported", 0.75, 1.0)
+    assert stats["outcomes"]["unknown"] == {"tasks": 0, "cost_usd": 0.0}
+
+
+def test_a_checked_request_makes_a_free_text_task_inferable(ledger: Ledger) -> None:
+    load(ledger, [req("f1", 1.0, [att("f1", 0, "slm")], task_id="T")])
+    assert ledger.tasks()[0]["outcome_source"] is None
+    load(ledger, [req("t1", 2.0, [att("t1", 0, "slm")], task_id="T", expects_tools=True,
+                      executable=True)])  # fmt: skip
+    assert (ledger.tasks()[0]["success"], ledger.tasks()[0]["outcome_source"]) == (
+        True, "inferred")  # fmt: skip
+
+
+def test_outcome_for_an_unknown_task_is_refused(ledger: Ledger) -> None:
+    assert ledger.set_outcome("never-seen", False, score=0.25) is False
+    assert ledger.task("never-seen") is None  # nothing stored
+    assert ledger.tasks() == []
+    assert ledger.stats(None, None, now=100.0)["tasks"] == 0
+    load(ledger, [req("r1", 5.0, [att("r1", 0, "slm", cost_usd=0.1)], task_id="T")])
+    assert ledger.set_outcome("r1", True) is False  # a request id is not a task id here
+    assert ledger.set_outcome("T", False, score=0.25) is True
+
+
+def test_outcome_for_a_task_still_in_the_queue_is_kept(db_url: str) -> None:
+    """Posted right after the request, before the writer ran: stored ahead, kept on landing."""
+    led = Ledger(db_url)
+    try:
+        led.record(req("r1", 5.0, [att("r1", 0, "slm", cost_usd=0.1)], task_id="T",
+                       expects_json=True, schema_valid=True))  # fmt: skip
+        assert led.health()["queued"] == 1  # the writer has not started
+        assert led.set_outcome("T", False, score=0.25) is True
+        assert led.tasks() == []  # no request written yet: not listed, not counted
+        assert led.task("T") is None
+        led.start()
+        assert led.flush(30)
+        task = led.task("T")
+        assert task is not None
+        assert (task["success"], task["outcome_source"], task["score"]) == (
+            False, "reported", 0.25)  # fmt: skip
+        assert task["created_at"] == 5.0
+        listed = led.tasks()
+        assert (listed[0]["success"], listed[0]["outcome_source"]) == (False, "reported")
+        stats = led.stats(None, None, now=100.0)
+        assert (stats["tasks"], stats["tasks_with_outcome"], stats["successful_tasks"]) == (
+            1, 1, 0)  # fmt: skip
+    finally:
+        led.close()
 
 
 def test_outcome_after_requests_overrides_inference_and_sticks(ledger: Ledger) -> None:
-    load(ledger, [req("r1", 5.0, [att("r1", 0, "slm")], task_id="T", status=500)])
+    load(ledger, [req("r1", 5.0, [att("r1", 0, "slm")], task_id="T", status=500,
+                      expects_json=True)])  # fmt: skip
     assert ledger.tasks()[0]["success"] is False
     ledger.set_outcome("T", True)
     assert ledger.tasks()[0]["success"] is True
@@ -278,8 +334,8 @@ def test_task_totals_accumulate_across_batches(ledger: Ledger) -> None:
                       route="first")])  # fmt: skip
     (listed,) = ledger.tasks()
     assert_close(listed, {
-        "task_id": "T", "created_at": 10.0, "requests": 3, "cost_usd": 0.75, "success": True,
-        "outcome_source": "inferred", "tiers": ["slm", "llm"], "fallbacks": 1, "route": "first",
+        "task_id": "T", "created_at": 10.0, "requests": 3, "cost_usd": 0.75, "success": None,
+        "outcome_source": None, "tiers": ["slm", "llm"], "fallbacks": 1, "route": "first",
     })  # fmt: skip
 
 
@@ -308,20 +364,25 @@ def test_batch_rows_pre_aggregate_each_task_once() -> None:
     rows = batch_rows([
         req("r2", 20.0, [att("r2", 0, "slm", cost_usd=0.2)], task_id="T", route="late"),
         req("r1", 10.0, [att("r1", 0, "slm", cost_usd=0.1), att("r1", 1, "llm", cost_usd=1.0)],
-            task_id="T", route="early", fallback=True),
+            task_id="T", route="early", fallback=True, expects_json=True, schema_valid=True),
         req("r3", 30.0, [], status=500),
+        req("r4", 40.0, [], status=500, expects_tools=True),
     ])  # fmt: skip
     requests, attempts, tasks = rows
-    assert [r["task_id"] for r in requests] == ["T", "T", "r3"]
+    assert [r["task_id"] for r in requests] == ["T", "T", "r3", "r4"]
     assert [(a["request_id"], a["attempt_no"], a["task_id"]) for a in attempts] == [
         ("r2", 0, "T"), ("r1", 0, "T"), ("r1", 1, "T")
     ]  # fmt: skip
-    assert [t["task_id"] for t in tasks] == ["T", "r3"]  # sorted: one lock order
-    t, r3 = tasks
+    assert [t["task_id"] for t in tasks] == ["T", "r3", "r4"]  # sorted: one lock order
+    t, r3, r4 = tasks
     assert (t["created_at"], t["route"], t["requests"], t["fallbacks"]) == (10.0, "early", 2, 1)
     assert t["cost_usd"] == pytest.approx(1.3)
-    assert (t["failed_requests"], t["success"]) == (0, True)
-    assert (r3["failed_requests"], r3["success"], r3["cost_usd"]) == (1, False, 0.0)
+    assert (t["failed_requests"], t["checked_requests"]) == (0, 1)
+    assert (t["success"], t["outcome_source"]) == (True, "inferred")
+    # free text: a failed request proves nothing either way
+    assert (r3["failed_requests"], r3["checked_requests"], r3["cost_usd"]) == (1, 0, 0.0)
+    assert (r3["success"], r3["outcome_source"]) == (None, None)
+    assert (r4["success"], r4["outcome_source"]) == (False, "inferred")
 
 
 def test_concurrent_writers_and_outcomes_keep_totals(ledger: Ledger) -> None:
@@ -363,10 +424,21 @@ def test_stats_window_every_field(ledger: Ledger) -> None:
         "errors": 1,  # b2
         "tasks": 3,  # A B c1 (D started before the window; E has no requests)
         "tasks_with_outcome": 2,  # A (reported False), c1 (reported True)
-        "successful_tasks": 1,  # c1; A reported False, B inferred False (b2 is a 500)
-        "success_rate": 1 / 3,
+        "cps_basis": "reported",  # the window has reported outcomes: they are the headline
+        "successful_tasks": 1,  # c1
+        "success_rate": 0.5,  # c1 of A and c1
+        "cps_usd": 0.0388,  # (A 0.022 + c1 0.0168) / 1
+        "outcomes": {
+            "reported": {"tasks": 2, "successful_tasks": 1, "cost_usd": 0.0388,
+                         "success_rate": 0.5, "cps_usd": 0.0388},
+            # B: b1's tool call checked and executable, b2 a 500: inferred failure
+            "inferred": {"tasks": 1, "successful_tasks": 0, "cost_usd": 0.0005,
+                         "success_rate": 0.0, "cps_usd": None},
+            "combined": {"tasks": 3, "successful_tasks": 1, "cost_usd": 0.0393,
+                         "success_rate": 1 / 3, "cps_usd": 0.0393},
+            "unknown": {"tasks": 0, "cost_usd": 0.0},
+        },
         "cost_usd": 0.0413,  # every attempt of the 6 requests
-        "cps_usd": 0.0393,  # (A 0.022 + B 0.0005 + c1 0.0168) / 1
         "counterfactual_cost_usd": 0.055,
         "savings_usd": 0.055 - 0.0413,
         "schema_validity_rate": 0.75,  # a1 a2 c1 valid, d2 not
@@ -384,11 +456,11 @@ def test_stats_window_every_field(ledger: Ledger) -> None:
         "speculation": {"drafted": 30, "accepted": 21, "steps": 9, "acceptance_rate": 0.7,
                         "mean_accepted_length": 21 / 9},
         "energy": {"joules": 4.5, "joules_per_request": 1.5, "measured": False},
-        "series": [
+        "series": [  # tasks on the headline basis (reported): B is not in it
             {"start": 900.0, "end": 925.0, "requests": 2, "tasks": 1, "successful_tasks": 0,
              "cost_usd": 0.022, "cps_usd": None, "success_rate": 0.0},
-            {"start": 925.0, "end": 950.0, "requests": 2, "tasks": 1, "successful_tasks": 0,
-             "cost_usd": 0.0005, "cps_usd": None, "success_rate": 0.0},
+            {"start": 925.0, "end": 950.0, "requests": 2, "tasks": 0, "successful_tasks": 0,
+             "cost_usd": 0.0, "cps_usd": None, "success_rate": None},
             {"start": 950.0, "end": 975.0, "requests": 2, "tasks": 1, "successful_tasks": 1,
              "cost_usd": 0.0168, "cps_usd": 0.0168, "success_rate": 1.0},
             {"start": 975.0, "end": 1000.0, "requests": 0, "tasks": 0, "successful_tasks": 0,
@@ -405,14 +477,16 @@ def test_stats_route_filter(ledger: Ledger) -> None:
     assert auto["route"] == "auto"
     assert (auto["requests"], auto["errors"]) == (5, 1)  # b1 is on "tools"; b2 on "auto"
     # B counts for "auto" through b2, its whole cost included
-    assert (auto["tasks"], auto["successful_tasks"]) == (3, 1)
-    assert auto["cps_usd"] == pytest.approx(0.0393)
+    assert (auto["tasks"], auto["successful_tasks"], auto["cps_basis"]) == (3, 1, "reported")
+    assert auto["cps_usd"] == pytest.approx(0.0388)
+    assert auto["outcomes"]["inferred"]["tasks"] == 1  # B
     assert auto["cost_usd"] == pytest.approx(0.0408)  # 0.0413 without b1's 0.0005
     assert auto["executable_call_rate"] == 0.0  # only c1 (False) is on "auto"
     assert auto["by_tier"]["slm"]["attempts"] == 5
     assert auto["energy"] == {"joules": 3.0, "joules_per_request": 1.5, "measured": True}
 
     tools = ledger.stats(window_s=100, route="tools", buckets=4, now=1000.0)
+    assert tools["cps_basis"] == "inferred"  # B alone: nothing reported on this route
     assert_close({k: tools[k] for k in ("requests", "errors", "tasks", "successful_tasks",
                                         "cost_usd", "cps_usd", "success_rate", "fallback_rate",
                                         "schema_validity_rate", "executable_call_rate")},
@@ -440,7 +514,10 @@ def test_stats_all_data_series_over_the_data_span(ledger: Ledger) -> None:
     stats = ledger.stats(window_s=None, route=None, buckets=2, now=1000.0)
     assert stats["window"] == {"start": None, "end": 1000.0, "seconds": None}
     assert (stats["requests"], stats["tasks"], stats["successful_tasks"]) == (7, 4, 1)
-    assert stats["cps_usd"] == pytest.approx(0.0393 + 0.005)  # D (failed) adds its cost
+    assert stats["cps_usd"] == pytest.approx(0.0388)  # reported: A and c1
+    # D (inferred failure: d2's JSON invalid) adds its cost to the inferred figures only
+    assert stats["outcomes"]["inferred"]["cost_usd"] == pytest.approx(0.0005 + 0.005)
+    assert stats["outcomes"]["combined"]["cps_usd"] == pytest.approx(0.0393 + 0.005)
     assert stats["latency_s"]["p50"] == 3.0  # [0.5 1 2 3 4 5 10]
     assert stats["cost_usd"] == pytest.approx(0.0443)  # + d1's 0.003
     slm = {"attempts": 7, "answered": 4, "prompt_tokens": 370, "completion_tokens": 47,
@@ -450,9 +527,9 @@ def test_stats_all_data_series_over_the_data_span(ledger: Ledger) -> None:
     series = stats["series"]
     assert [(row["start"], row["end"]) for row in series] == [(850.0, 905.0), (905.0, 960.0)]
     assert [row["requests"] for row in series] == [1, 6]
-    assert [row["tasks"] for row in series] == [1, 3]
-    assert series[0]["cost_usd"] == pytest.approx(0.005)
-    assert series[1]["cps_usd"] == pytest.approx(0.0393)
+    assert [row["tasks"] for row in series] == [0, 2]  # reported tasks A and c1
+    assert series[0]["cost_usd"] == 0.0
+    assert series[1]["cps_usd"] == pytest.approx(0.0388)
 
 
 def test_stats_empty_ledger(ledger: Ledger) -> None:
@@ -460,6 +537,7 @@ def test_stats_empty_ledger(ledger: Ledger) -> None:
     assert set(stats) == STATS_KEYS
     assert stats["series"] == []
     assert (stats["requests"], stats["tasks"], stats["cost_usd"]) == (0, 0, 0.0)
+    assert (stats["cps_basis"], stats["cps_usd"], stats["savings_usd"]) == ("inferred", None, None)
     assert stats["latency_s"] == {"p50": None, "p95": None}
     assert stats["speculation"]["acceptance_rate"] is None
     windowed = ledger.stats(60, None, buckets=3, now=10.0)
@@ -469,7 +547,8 @@ def test_stats_empty_ledger(ledger: Ledger) -> None:
 
 
 def test_stats_single_instant_goes_to_one_bucket(ledger: Ledger) -> None:
-    load(ledger, [req("x", 5.0, [att("x", 0, "slm")]), req("y", 5.0, [att("y", 0, "slm")])])
+    load(ledger, [req("x", 5.0, [att("x", 0, "slm")], expects_json=True),
+                  req("y", 5.0, [att("y", 0, "slm")], expects_json=True)])  # fmt: skip
     series = ledger.stats(None, None, buckets=3, now=10.0)["series"]
     assert [row["requests"] for row in series] == [2, 0, 0]
     assert [row["tasks"] for row in series] == [2, 0, 0]
@@ -575,7 +654,7 @@ class Outage:
             self.url = f"sqlite:///{self._dir / 'ledger.db'}"
         else:
             if not _pg_reachable():
-                pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+                postgres.service_missing("PostgreSQL is not reachable at 127.0.0.1:5432")
             schema_url = sa.make_url(stack.enter_context(pg_schema(prefix="ledger_test")))
             self.proxy = TcpProxy(("127.0.0.1", 5432))
             stack.callback(self.proxy.down)
@@ -603,7 +682,9 @@ def one(rid: str, t: float = 1.0) -> RequestRecord:
 
 def test_database_down_at_start_then_back(outage: Outage) -> None:
     failures: list[BaseException] = []
-    led = Ledger(outage.url, on_failure=failures.append, retries=1, backoff_s=0.0)
+    drops: list[tuple[int, str]] = []
+    led = Ledger(outage.url, on_failure=failures.append, retries=1, backoff_s=0.0,
+                 on_drop=lambda n, reason: drops.append((n, reason)))  # fmt: skip
     try:
         led.start()  # must not raise
         led.record(one("r1"))  # returns, never raises
@@ -612,6 +693,7 @@ def test_database_down_at_start_then_back(outage: Outage) -> None:
         assert health["ok"] is False
         assert health["written"] == 0
         assert (health["dropped"], health["dropped_write_failed"]) == (1, 1)
+        assert drops == [(1, "write_failed")]
         assert health["write_failures"] >= 2  # start's create_all + both write tries
         assert health["last_error"]
         assert failures
@@ -645,9 +727,21 @@ def test_postgres_outage_mid_run_and_recovery(tmp_path: Path) -> None:
         _outage_mid_run(outage)
 
 
+def _health_without_the_database(led: Ledger) -> dict[str, Any]:
+    """``health()`` with every way to the database cut: it must answer from memory."""
+    engine = led._engine  # the ledger's one pool
+    with (
+        patch.object(engine, "connect", side_effect=AssertionError("health() used the db")),
+        patch.object(engine, "begin", side_effect=AssertionError("health() used the db")),
+    ):
+        return led.health()
+
+
 def _outage_mid_run(outage: Outage) -> None:
     failures: list[BaseException] = []
-    led = Ledger(outage.url, on_failure=failures.append, retries=2, backoff_s=0.01)
+    drops: list[tuple[int, str]] = []
+    led = Ledger(outage.url, on_failure=failures.append, retries=2, backoff_s=0.01,
+                 on_drop=lambda n, reason: drops.append((n, reason)))  # fmt: skip
     try:
         led.start()
         led.record(one("r1"))
@@ -658,10 +752,13 @@ def _outage_mid_run(outage: Outage) -> None:
         for i in range(3):
             led.record(one(f"lost{i}", 2.0))  # returns, never raises
         assert led.flush(60)
-        health = led.health()
+        health = _health_without_the_database(led)
         assert health["ok"] is False
         assert health["written"] == 1
-        assert health["dropped_write_failed"] == 3
+        assert (health["dropped"], health["dropped_write_failed"]) == (3, 3)
+        # one call per given-up batch: how the three were batched is the writer's business
+        assert sum(n for n, _ in drops) == 3
+        assert {reason for _, reason in drops} == {"write_failed"}
         assert health["write_failures"] >= 3  # the batch and its two retries
         assert len(failures) == health["write_failures"]
         with pytest.raises(LedgerUnavailable):
@@ -704,12 +801,14 @@ def test_writer_recreates_a_dropped_table(db_url: str) -> None:
 
 
 def test_queue_full_drops_and_counts(db_url: str) -> None:
-    led = Ledger(db_url, queue_size=3)
+    drops: list[tuple[int, str]] = []
+    led = Ledger(db_url, queue_size=3, on_drop=lambda n, reason: drops.append((n, reason)))
     try:
         for i in range(5):  # writer not started yet: the queue fills
             led.record(one(f"r{i}", float(i)))  # returns, never raises
         health = led.health()
         assert (health["dropped"], health["dropped_queue_full"], health["queued"]) == (2, 2, 3)
+        assert drops == [(1, "queue_full"), (1, "queue_full")]
         led.start()
         assert led.flush(30)
         assert led.health()["written"] == 3
@@ -780,6 +879,136 @@ def test_rejects_in_memory_sqlite_and_unknown_backends() -> None:
 def test_set_outcome_rejects_empty_task_id(ledger: Ledger) -> None:
     with pytest.raises(ValueError, match="task_id"):
         ledger.set_outcome("", True)
+
+
+def test_close_counts_unwritten_records_as_dropped(db_url: str) -> None:
+    drops: list[tuple[int, str]] = []
+    led = Ledger(db_url, on_drop=lambda n, reason: drops.append((n, reason)))
+    for i in range(4):  # never started: nothing drains the queue
+        led.record(one(f"r{i}", float(i)))
+    led.close(timeout=0.0)
+    assert (led.health()["dropped_write_failed"], led.health()["queued"]) == (4, 0)
+    led.record(one("after"))
+    assert drops == [(4, "write_failed"), (1, "queue_full")]
+
+
+# ---- cost per success: reported, inferred and unknown kept apart ------------------------------
+
+
+def split_dataset() -> list[RequestRecord]:
+    """Two tasks of each kind: reported (R), inferred (I), unknown (U: free text)."""
+
+    def one_task(task: str, t: float, cost: float, **kw: Any) -> RequestRecord:
+        return req(task.lower(), t, [att(task.lower(), 0, "slm", cost_usd=cost)], task_id=task,
+                   counterfactual_cost_usd=2 * cost, **kw)  # fmt: skip
+
+    return [
+        one_task("R1", 10.0, 0.01),  # free text, reported success below
+        one_task("R2", 20.0, 0.02, expects_json=True, schema_valid=True),  # reported failure
+        one_task("I1", 100.0, 0.003, expects_json=True, schema_valid=True),
+        one_task("I2", 110.0, 0.004, expects_json=True, schema_valid=False),
+        one_task("U1", 120.0, 0.005),
+        one_task("U2", 130.0, 0.001, status=500),
+    ]
+
+
+def test_stats_keep_reported_inferred_and_unknown_apart(ledger: Ledger) -> None:
+    load(ledger, split_dataset())
+    assert ledger.set_outcome("R1", True) is True
+    assert ledger.set_outcome("R2", False) is True
+    stats = ledger.stats(None, None, buckets=1, now=200.0)
+    assert_close({k: stats[k] for k in ("tasks", "tasks_with_outcome", "cps_basis",
+                                        "successful_tasks", "success_rate", "cps_usd",
+                                        "outcomes", "cost_usd")}, {
+        "tasks": 6, "tasks_with_outcome": 2, "cps_basis": "reported",
+        "successful_tasks": 1, "success_rate": 0.5, "cps_usd": 0.03,
+        "outcomes": {
+            "reported": {"tasks": 2, "successful_tasks": 1, "cost_usd": 0.03,
+                         "success_rate": 0.5, "cps_usd": 0.03},
+            "inferred": {"tasks": 2, "successful_tasks": 1, "cost_usd": 0.007,
+                         "success_rate": 0.5, "cps_usd": 0.007},
+            "combined": {"tasks": 4, "successful_tasks": 2, "cost_usd": 0.037,
+                         "success_rate": 0.5, "cps_usd": 0.0185},
+            "unknown": {"tasks": 2, "cost_usd": 0.006},
+        },
+        "cost_usd": 0.043,  # every task's cost, the unknown ones included
+    })  # fmt: skip
+    (row,) = stats["series"]  # the headline's basis: the reported tasks
+    assert (row["tasks"], row["successful_tasks"]) == (2, 1)
+    assert row["cps_usd"] == pytest.approx(0.03)
+
+    # no reported outcome in the window: the inferred figures are the headline
+    recent = ledger.stats(100, None, buckets=1, now=200.0)
+    assert (recent["tasks"], recent["tasks_with_outcome"], recent["cps_basis"]) == (
+        4, 0, "inferred")  # fmt: skip
+    assert (recent["successful_tasks"], recent["success_rate"]) == (1, 0.5)
+    assert recent["cps_usd"] == pytest.approx(0.007)
+    assert recent["outcomes"]["reported"]["cps_usd"] is None
+    assert recent["outcomes"]["unknown"]["tasks"] == 2
+    assert [(r["tasks"], r["successful_tasks"]) for r in recent["series"]] == [(2, 1)]
+
+
+def test_savings_only_against_a_priced_top_tier(ledger: Ledger) -> None:
+    unpriced = req("u", 5.0, [att("u", 0, "slm", cost_usd=0.02)], counterfactual_cost_usd=0.0)
+    load(ledger, [unpriced])
+    stats = ledger.stats(None, None, now=10.0)
+    assert (stats["cost_usd"], stats["counterfactual_cost_usd"]) == (0.02, 0.0)
+    assert stats["savings_usd"] is None  # not -inf %: the top tier has no price
+    load(ledger, [req("p", 6.0, [att("p", 0, "slm", cost_usd=0.01)],
+                      counterfactual_cost_usd=0.05)])  # fmt: skip
+    assert ledger.stats(None, None, now=10.0)["savings_usd"] == pytest.approx(0.05 - 0.03)
+
+
+OLD_TASKS = """CREATE TABLE tasks (task_id VARCHAR PRIMARY KEY, created_at FLOAT, route VARCHAR,
+success BOOLEAN, outcome_source VARCHAR, outcome_at FLOAT, score FLOAT,
+requests INTEGER NOT NULL DEFAULT 0, failed_requests INTEGER NOT NULL DEFAULT 0,
+fallbacks INTEGER NOT NULL DEFAULT 0, cost_usd FLOAT NOT NULL DEFAULT 0)"""
+
+
+def test_an_older_ledger_is_upgraded_in_place(db_url: str) -> None:
+    """A ledger written before tasks counted checked requests: the column is added, inferred
+    outcomes are re-inferred under today's rule, reported ones are kept."""
+    from router.ledger import metadata, tasks_table
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(OLD_TASKS))
+            metadata.create_all(conn, tables=[t for t in metadata.sorted_tables
+                                              if t is not tasks_table])  # fmt: skip
+    finally:
+        engine.dispose()
+    old = Ledger(db_url)
+    try:
+        rows = [
+            req("f", 1.0, [att("f", 0, "slm")], task_id="FREE"),
+            req("j", 2.0, [att("j", 0, "slm")], task_id="JSON", expects_json=True,
+                schema_valid=True),
+            req("r", 3.0, [att("r", 0, "slm")], task_id="REP"),
+        ]  # fmt: skip
+        request_rows, attempt_rows, _ = batch_rows(rows)
+        engine = sa.create_engine(db_url)
+        with engine.begin() as conn:  # as the old writer left them: every 200 a success
+            conn.execute(sa.insert(metadata.tables["requests"]), request_rows)
+            conn.execute(sa.insert(metadata.tables["attempts"]), attempt_rows)
+            for task_id, t, source in (("FREE", 1.0, "inferred"), ("JSON", 2.0, "inferred"),
+                                       ("REP", 3.0, "reported")):  # fmt: skip
+                conn.execute(sa.text(
+                    "INSERT INTO tasks (task_id, created_at, route, success, outcome_source, "
+                    "requests, failed_requests, fallbacks, cost_usd) "
+                    "VALUES (:id, :t, 'auto', :ok, :source, 1, 0, 0, 0.0)"),
+                    {"id": task_id, "t": t, "ok": task_id != "REP", "source": source})  # fmt: skip
+        engine.dispose()
+        old.start()
+        listed = {t["task_id"]: (t["success"], t["outcome_source"]) for t in old.tasks()}
+        assert listed == {"FREE": (None, None), "JSON": (True, "inferred"),
+                          "REP": (False, "reported")}  # fmt: skip
+        load(old, [req("j2", 4.0, [att("j2", 0, "slm")], task_id="JSON", status=500)])
+        json_task = old.task("JSON")
+        assert json_task is not None
+        assert (json_task["success"], json_task["outcome_source"]) == (False, "inferred")
+    finally:
+        old.close()
 
 
 # ---- the benchmark's own bookkeeping ----------------------------------------------------------

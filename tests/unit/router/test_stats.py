@@ -49,6 +49,46 @@ def test_parse_window_rejects_non_finite() -> None:
         st.parse_window(math.inf)
 
 
+BOUND = r"window must be more than 0 s and at most 3650 days \(315360000 s\)"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "99999999999999999999d",  # the case
+        "3651d",
+        "522w",
+        "315360001",
+        "9" * 400,  # overflows a float to inf
+        315360000.5,
+        10**400,  # an int too large for a float
+        math.inf,
+        -math.inf,
+        math.nan,
+        0,
+        0.0,
+        -1,
+        "0",
+        "0.0h",
+    ],
+)
+def test_parse_window_bounds(text: str | float) -> None:
+    with pytest.raises(ValueError, match=BOUND):
+        st.parse_window(text)
+
+
+def test_parse_window_keeps_the_bound_itself_and_all() -> None:
+    assert st.parse_window("3650d") == 315360000.0
+    assert st.parse_window(315360000) == 315360000.0
+    assert st.parse_window("all") is None
+
+
+def test_parse_window_does_not_echo_a_huge_value() -> None:
+    with pytest.raises(ValueError, match="invalid window") as info:
+        st.parse_window("x" * 100_000)
+    assert len(str(info.value)) < 200
+
+
 # ---- percentiles ------------------------------------------------------------------------------
 
 
@@ -87,6 +127,42 @@ def test_rate_and_cps() -> None:
     assert st.cps(0.3, 3) == pytest.approx(0.1)
     assert st.cps(0.3, 0) is None  # nothing succeeded: unbounded, not zero
     assert st.cps(0.0, 2) == 0.0
+
+
+def test_savings_only_against_a_priced_top_tier() -> None:
+    assert st.savings(0.05, 0.02) == pytest.approx(0.03)
+    assert st.savings(0.01, 0.02) == pytest.approx(-0.01)  # dearer than the top tier: negative
+    assert st.savings(0.0, 0.02) is None  # unpriced top tier: no baseline to save against
+    assert st.savings(0.0, 0.0) is None
+
+
+def test_outcomes_keep_each_basis_apart() -> None:
+    groups: dict[str | None, st.Group] = {
+        "reported": (4, 3, 0.12),
+        "inferred": (6, 2, 0.05),
+        None: (5, 0, 0.5),  # unknown (free text)
+    }
+    assert st.outcomes(groups) == {
+        "reported": {"tasks": 4, "successful_tasks": 3, "cost_usd": 0.12, "success_rate": 0.75,
+                     "cps_usd": pytest.approx(0.04)},
+        "inferred": {"tasks": 6, "successful_tasks": 2, "cost_usd": 0.05,
+                     "success_rate": pytest.approx(1 / 3), "cps_usd": 0.025},
+        "combined": {"tasks": 10, "successful_tasks": 5, "cost_usd": pytest.approx(0.17),
+                     "success_rate": 0.5, "cps_usd": pytest.approx(0.034)},
+        "unknown": {"tasks": 5, "cost_usd": 0.5},
+    }  # fmt: skip
+    assert st.cps_basis(4) == "reported"
+    assert st.cps_basis(0) == "inferred"
+
+
+def test_outcomes_of_nothing() -> None:
+    empty = {"tasks": 0, "successful_tasks": 0, "cost_usd": 0.0, "success_rate": None,
+             "cps_usd": None}  # fmt: skip
+    assert st.outcomes({}) == {"reported": empty, "inferred": empty, "combined": empty,
+                               "unknown": {"tasks": 0, "cost_usd": 0.0}}  # fmt: skip
+    only_unknown = st.outcomes({None: (3, 0, 0.3)})
+    assert only_unknown["combined"] == empty
+    assert only_unknown["unknown"] == {"tasks": 3, "cost_usd": 0.3}
 
 
 def test_energy_measured_label() -> None:
