@@ -40,6 +40,9 @@ class FinishEvent:
     prompt_tokens: int = 0
     spec: SpecStats | None = None  # set when the choice was decoded with speculation
     cached_tokens: int = 0  # prompt positions reused from the prefix cache
+    # Tokens the choice produced without a token event each (a remote server's tool-call deltas
+    # or merged chunks, known from its usage count): counted, never lost from the books.
+    uncounted_tokens: int = 0
 
 
 class Backend(Protocol):
@@ -66,6 +69,7 @@ def collect(events: Sequence[TokenEvent | FinishEvent], model: str) -> Generatio
             choice.spec = event.spec
             prompt_tokens = prompt_tokens or event.prompt_tokens
             cached_tokens = event.cached_tokens if cached_tokens is None else cached_tokens
+            choice.token_ids.extend([-1] * event.uncounted_tokens)  # unknown ids, as counted
         else:
             choice.token_ids.append(event.token_id)
             choice.events.append(event)

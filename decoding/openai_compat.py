@@ -378,15 +378,20 @@ def result_from_response(
             events = [TokenEvent(index, -1, text, 0.0, 0.0, 1.0, True)]
             ids = []
         choices.append(Choice(index, text, ids, events, _finish_reason(raw.get("finish_reason"))))
-    # Choices without logprobs get their share of the usage count as unknown (-1) ids.
+    # Tokens the usage counts beyond the logprob entries (tool calls, choices without logprobs)
+    # are added as unknown (-1) ids: choices without any first, else shared by what each has.
     blind = [c for c in choices if not c.token_ids]
+    counted = sum(len(c.token_ids) for c in choices)
+    total = int(usage.get("completion_tokens") or 0) - counted
     if blind:
-        counted = sum(len(c.token_ids) for c in choices)
-        total = int(usage.get("completion_tokens") or 0) - counted
         if total <= 0:
             total = sum(max(1, len(c.text) // 4) for c in blind)
         for choice, share in zip(blind, _split(total, [len(c.text) for c in blind]), strict=True):
             choice.token_ids = [-1] * share
+    elif total > 0:
+        weights = [len(c.token_ids) for c in choices]
+        for choice, share in zip(choices, _split(total, weights), strict=True):
+            choice.token_ids.extend([-1] * share)
     choices.sort(key=lambda c: c.index)
     return GenerationResult(choices, prompt_tokens, name, cached_tokens)
 
@@ -460,7 +465,9 @@ class StreamAssembler:
         self.emitted = self.emitted or bool(content)
         return events
 
-    def finish(self, prompt_tokens: int, cached_tokens: int = 0) -> FinishEvent:
+    def finish(self, prompt_tokens: int, cached_tokens: int = 0, uncounted: int = 0) -> (
+        FinishEvent
+    ):
         calls = [
             {"function": {"name": c["name"], "arguments": c["arguments"]}}
             for _, c in sorted(self.calls.items())
@@ -468,9 +475,8 @@ class StreamAssembler:
         text = render_tool_calls("", calls)
         if text and self.emitted:
             text = "\n" + text
-        return FinishEvent(
-            self.index, self.reason, text, prompt_tokens, cached_tokens=cached_tokens
-        )
+        return FinishEvent(self.index, self.reason, text, prompt_tokens,
+                           cached_tokens=cached_tokens, uncounted_tokens=uncounted)  # fmt: skip
 
 
 def stream_error(body: Mapping[str, Any], backend: str) -> SlmgateError:
@@ -774,7 +780,8 @@ class OpenAICompatBackend(RemoteBackend):
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
         name = self.config.name
         choices: dict[int, StreamAssembler] = {}
-        prompt_tokens = cached_tokens = 0
+        prompt_tokens = cached_tokens = completion_tokens = 0
+        events_seen: dict[int, int] = {}  # token events per choice
         done = False
         with self._transport_errors():
             async for line in response.aiter_lines():
@@ -796,17 +803,25 @@ class OpenAICompatBackend(RemoteBackend):
                 if isinstance(usage, dict):
                     prompt_tokens = int(usage.get("prompt_tokens") or 0)
                     cached_tokens = cached_of(usage)
+                    completion_tokens = int(usage.get("completion_tokens") or 0)
                 for position, choice in enumerate(chunk.get("choices") or []):
                     if not isinstance(choice, dict):
                         continue
                     index = int(choice.get("index", position))
                     assembler = choices.setdefault(index, StreamAssembler(index, self.tokens))
                     for event in assembler.push(choice):
+                        events_seen[index] = events_seen.get(index, 0) + 1
                         yield event
         if not choices or not (done or all(c.finished for c in choices.values())):
             raise UpstreamError(f"backend {name}: the stream ended before the answer did")
-        for index in sorted(choices):
-            yield choices[index].finish(prompt_tokens, cached_tokens)
+        order = sorted(choices)
+        # The server's usage counts tokens no event carried (tool-call deltas, merged chunks):
+        # they are shared out by each choice's events so completion_tokens matches the usage.
+        missing = completion_tokens - sum(events_seen.values())
+        weights = [events_seen.get(i, 0) + 1 for i in order]
+        shares = _split(missing, weights) if missing > 0 else [0] * len(order)
+        for index, share in zip(order, shares, strict=True):
+            yield choices[index].finish(prompt_tokens, cached_tokens, uncounted=share)
 
     @contextlib.contextmanager
     def _transport_errors(self) -> Iterator[None]:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from schemas.errors import SlmgateError, UpstreamError
+from schemas.errors import OverloadedError, SlmgateError
 
 T = TypeVar("T")
 BreakerState = Literal["closed", "open", "half_open"]
@@ -191,17 +191,22 @@ async def call_with_retries(
     """Run ``fn`` until it succeeds, a non-retryable error, or the retries run out.
 
     Each retryable failure counts against ``breaker``; a non-retryable one is raised at once
-    and does not count. When the breaker refuses a call, ``UpstreamError`` is raised without
-    calling ``fn`` (chained to the last failure, if any). The last retryable error is raised
-    as it is when the retries run out, so the caller sees e.g. ``RequestTimeoutError``.
+    and does not count. When the breaker refuses a call, a 503 ``OverloadedError`` (code
+    ``circuit_open``, Retry-After = the time to the next probe) is raised without calling ``fn``
+    (chained to the last failure, if any): the backend is unavailable, not broken. The last
+    retryable error is raised as it is when the retries run out, so the caller sees e.g.
+    ``RequestTimeoutError``.
     """
     retry = 0
     last: BaseException | None = None
     while True:
         if not breaker.allow():
-            raise UpstreamError(
+            probe_in = breaker.retry_in()
+            raise OverloadedError(
                 f"circuit open for backend {name}: too many recent failures; "
-                f"next probe in {breaker.retry_in():.1f} s"
+                f"next probe in {probe_in:.1f} s",
+                code="circuit_open",
+                retry_after=max(1.0, probe_in),
             ) from last
         try:
             result = await fn()

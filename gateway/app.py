@@ -66,7 +66,8 @@ def create_app(
     """The app. ``ledger`` defaults to one on ``config.resolved_ledger_url()``."""
     metrics = GatewayMetrics()
     if ledger is None and (url := config.resolved_ledger_url()) is not None:
-        ledger = Ledger(url, on_failure=metrics.ledger_write_failure)
+        ledger = Ledger(url, on_failure=metrics.ledger_write_failure,
+                        on_drop=metrics.ledger_records_dropped)  # fmt: skip
     gw = Gateway(config, router, ledger, metrics)
 
     @asynccontextmanager

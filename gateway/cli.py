@@ -14,8 +14,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.config import load_config
+    from gateway.logfilter import uvicorn_log_config
 
-    config = load_config(args.config)
+    try:
+        config = load_config(args.config)
+    except (OSError, ValueError, TypeError) as exc:  # a bad file: one line, not a traceback
+        print(f"slmgate: invalid config: {exc}", file=sys.stderr)
+        return 2
     host = args.host or config.host
     port = args.port or config.port
     for m in config.models:
@@ -23,7 +28,9 @@ def _serve(args: argparse.Namespace) -> int:
             "model %s (%s tier): %s, dtype %s, device %s", m.name, m.tier, m.source,
             m.resolved_dtype(), m.resolved_device(),
         )  # fmt: skip
-    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level)
+    # The access log never shows a secret passed in a URL (keys are refused there anyway).
+    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level,
+                log_config=uvicorn_log_config())  # fmt: skip
     return 0
 
 
@@ -52,6 +59,7 @@ BENCHMARKS = {
     "gateway": "benchmarks.gateway_bench",
     "spec": "benchmarks.spec_bench",
     "ledger": "benchmarks.ledger_bench",
+    "soak": "benchmarks.soak_bench",
 }
 
 

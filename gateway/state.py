@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def error_response(exc: SlmgateError) -> JSONResponse:
-    headers = {"Retry-After": "5"} if exc.status in (429, 503) else None
+    """The OpenAI error body; 429/503 say when to retry (the error's own estimate, else 5 s)."""
+    headers = None
+    if exc.status in (429, 503):
+        wait = exc.retry_after if exc.retry_after is not None else 5.0
+        headers = {"Retry-After": str(max(1, math.ceil(wait)))}
     return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
 
 
@@ -62,16 +67,23 @@ class Gateway:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("model loading failed")
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Count a request in flight while the block runs (the overload check reads it)."""
+    def enter(self) -> None:
+        """Count one more request in flight (the overload check and /metrics read it)."""
         self.in_flight += 1
         self.metrics.set_queue_depth("gateway", self.in_flight)
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        self.metrics.set_queue_depth("gateway", self.in_flight)
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Count a request in flight while the block runs."""
+        self.enter()
         try:
             yield
         finally:
-            self.in_flight -= 1
-            self.metrics.set_queue_depth("gateway", self.in_flight)
+            self.leave()
 
     def record(
         self,

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -47,6 +48,7 @@ from schemas.errors import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -138,6 +140,16 @@ async def _drain(
                 await pump
 
 
+@dataclass(slots=True)
+class _Tally:
+    """What a token stream has sent so far, for its usage chunk and its last finish chunk."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    held: ChatCompletionChunkChoice | None = None  # the latest finish chunk, sent last
+
+
 async def _stream(
     gw: Gateway,
     router: Router,
@@ -148,110 +160,127 @@ async def _stream(
 ) -> AsyncGenerator[str, None]:
     """SSE for one request. Outputs a cascade could still replace, and tool calls, are decided
     before the first byte (generated whole, then sent as deltas); the rest streams token by
-    token (see ``router.router`` for the free-text rule on cascades).
+    token (see ``router.tier_loop`` for the free-text rule on cascades).
 
     A failure before the first chunk is raised (the caller turns it into an HTTP error); after
-    it, it becomes an SSE error event. The last finish chunk carries the ``slmgate`` object."""
-    cid = req.request_id
+    it, it becomes an SSE error event. The request is written to the ledger before the last
+    chunks (the finish chunk carrying the ``slmgate`` object, usage, ``[DONE]``) go out, so an
+    outcome posted as soon as a client has read them finds its task."""
     usage_on = wire.include_usage()
-    sent = False
 
     def chunk(choices: list[ChatCompletionChunkChoice], **extra: Any) -> str:
-        payload = ChatCompletionChunk(id=cid, model=wire.model, choices=choices, **extra)
+        payload = ChatCompletionChunk(id=req.request_id, model=wire.model, choices=choices,
+                                      **extra)  # fmt: skip
         if usage_on and "usage" not in extra:
             payload.usage = None
         return sse(payload)
 
-    prompt_tokens = completion_tokens = cached_tokens = 0
+    tally = _Tally()
     answer: Answer | None = None
-    failure: BaseException | None = None
-    gw.in_flight += 1
+    final: list[str] = []
+    sent = False
+    gw.enter()
+
+    def record(error: BaseException | None) -> None:
+        gw.leave()
+        gw.record(trace, req, answer=answer, error=error, stream=True)
+
     try:
         async with asyncio.timeout(gw.config.limits.request_timeout_s):
             if not router.streams_tokens(plan, req):
-                answer = await router.complete(plan, req, trace)
-                trace.answer = answer
-                prompt_tokens = answer.result.prompt_tokens
-                completion_tokens = answer.result.completion_tokens
-                cached_tokens = answer.result.cached_tokens
+                answer = trace.answer = await router.complete(plan, req, trace)
                 trace.mark_first_token()
-                for text in _answer_chunks(answer, wire, token_text_of(router, answer), chunk):
+                whole = _answer_chunks(answer, wire, token_text_of(router, answer), chunk)
+                tally.prompt_tokens = answer.result.prompt_tokens
+                tally.completion_tokens = answer.result.completion_tokens
+                tally.cached_tokens = answer.result.cached_tokens
+                for text in whole[:-1]:
                     sent = True
                     yield text
+                final = whole[-1:]
             else:
-                started: set[int] = set()
-                held: ChatCompletionChunkChoice | None = None  # the latest finish chunk
-                async with contextlib.aclosing(router.stream(plan, req, trace)) as events:
-                    async for event in events:
-                        source = router.backends.get(trace.streaming_from or "")
-                        token_text = getattr(source, "token_text", None)
-                        if event.index not in started:
-                            started.add(event.index)
-                            trace.mark_first_token()
-                            delta = ChoiceDelta(role="assistant", content="")
-                            sent = True
-                            yield chunk([ChatCompletionChunkChoice(index=event.index, delta=delta)])
-                        if isinstance(event, FinishEvent):
-                            if not prompt_tokens:  # the first choice's, as in a whole response
-                                cached_tokens = event.cached_tokens
-                            prompt_tokens = event.prompt_tokens
-                            if event.text:
-                                yield chunk([ChatCompletionChunkChoice(
-                                    index=event.index, delta=ChoiceDelta(content=event.text))])
-                            if held is not None:
-                                yield chunk([held])
-                            held = ChatCompletionChunkChoice(
-                                index=event.index, finish_reason=wire_finish_reason(event.reason))
-                            continue  # fmt: skip
-                        completion_tokens += 1
-                        logprobs = logprobs_of([event], token_text) if wire.logprobs else None
-                        if event.text or logprobs:
-                            yield chunk([ChatCompletionChunkChoice(
-                                index=event.index, delta=ChoiceDelta(content=event.text),
-                                logprobs=logprobs)])  # fmt: skip
+                async for text in _token_chunks(router, plan, req, trace, wire, chunk, tally):
+                    sent = True
+                    yield text
                 answer = trace.answer
-                if held is not None:
+                if tally.held is not None:
                     facts = slmgate_facts(answer) if answer is not None else None
-                    yield chunk([held], slmgate=facts)
+                    final = [chunk([tally.held], slmgate=facts)]
         if usage_on:
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
-            )
-            yield chunk([], usage=usage)
-    except TimeoutError:
-        failure = RequestTimeoutError(
-            f"the request timed out after {gw.config.limits.request_timeout_s:g} s "
-            "(limits.request_timeout_s, queueing included)"
-        )
-        if not sent:
-            gw.in_flight -= 1
-            gw.record(trace, req, error=failure, stream=True)
+            usage = Usage(prompt_tokens=tally.prompt_tokens,
+                          completion_tokens=tally.completion_tokens,
+                          prompt_tokens_details=PromptTokensDetails(
+                              cached_tokens=tally.cached_tokens))  # fmt: skip
+            final.append(chunk([], usage=usage))
+    except BaseException as exc:  # incl. GeneratorExit / CancelledError when the client goes
+        failure = _stream_failure(exc, gw.config.limits.request_timeout_s)
+        if isinstance(exc, Exception) and not isinstance(exc, SlmgateError | TimeoutError):
+            log.exception("error while streaming")
+        record(failure)
+        if not sent or not isinstance(failure, SlmgateError):
+            if failure is exc:
+                raise
             raise failure from None
         yield sse(failure.to_body())
-    except SlmgateError as exc:
-        failure = exc
-        if not sent:
-            gw.in_flight -= 1
-            gw.record(trace, req, error=failure, stream=True)
-            raise
-        yield sse(exc.to_body())
-    except BaseException as exc:  # incl. GeneratorExit when the client goes away
-        failure = exc
-        if not isinstance(exc, Exception):
-            gw.in_flight -= 1
-            gw.record(trace, req, answer=answer, error=as_error(exc), stream=True)
-            raise
-        logging.getLogger(__name__).exception("error while streaming")
-        if not sent:
-            gw.in_flight -= 1
-            gw.record(trace, req, error=exc, stream=True)
-            raise
-        yield sse(SlmgateError("The server had an error processing your request.").to_body())
-    gw.in_flight -= 1
-    gw.record(trace, req, answer=answer, error=failure, stream=True)
+        yield sse("[DONE]")
+        return
+    record(None)
+    for text in final:
+        yield text
     yield sse("[DONE]")
+
+
+def _stream_failure(exc: BaseException, timeout_s: float) -> BaseException:
+    """What a stream's failure is recorded and reported as."""
+    if isinstance(exc, TimeoutError):
+        return RequestTimeoutError(
+            f"the request timed out after {timeout_s:g} s "
+            "(limits.request_timeout_s, queueing included)"
+        )
+    if isinstance(exc, SlmgateError) or not isinstance(exc, Exception):
+        return as_error(exc)
+    return SlmgateError("The server had an error processing your request.")
+
+
+async def _token_chunks(
+    router: Router,
+    plan: Plan,
+    req: GenerationRequest,
+    trace: Trace,
+    wire: ChatCompletionRequest,
+    chunk: Callable[..., str],
+    tally: _Tally,
+) -> AsyncIterator[str]:
+    """Chunks of a token stream, all but the last finish chunk (left in ``tally.held``)."""
+    started: set[int] = set()
+    async with contextlib.aclosing(router.stream(plan, req, trace)) as events:
+        async for event in events:
+            source = router.backends.get(trace.streaming_from or "")
+            token_text = getattr(source, "token_text", None)
+            if event.index not in started:
+                started.add(event.index)
+                trace.mark_first_token()
+                delta = ChoiceDelta(role="assistant", content="")
+                yield chunk([ChatCompletionChunkChoice(index=event.index, delta=delta)])
+            if isinstance(event, FinishEvent):
+                if not tally.prompt_tokens:  # the first choice's, as in a whole response
+                    tally.cached_tokens = event.cached_tokens
+                tally.prompt_tokens = event.prompt_tokens
+                tally.completion_tokens += event.uncounted_tokens
+                if event.text:
+                    yield chunk([ChatCompletionChunkChoice(
+                        index=event.index, delta=ChoiceDelta(content=event.text))])  # fmt: skip
+                if tally.held is not None:
+                    yield chunk([tally.held])
+                reason = wire_finish_reason(event.reason)
+                tally.held = ChatCompletionChunkChoice(index=event.index, finish_reason=reason)
+                continue
+            tally.completion_tokens += 1
+            logprobs = logprobs_of([event], token_text) if wire.logprobs else None
+            if event.text or logprobs:
+                yield chunk([ChatCompletionChunkChoice(
+                    index=event.index, delta=ChoiceDelta(content=event.text),
+                    logprobs=logprobs)])  # fmt: skip
 
 
 def _answer_chunks(

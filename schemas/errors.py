@@ -12,7 +12,8 @@
     ├── PayloadTooLargeError          413 invalid_request_error
     ├── UnsupportedMediaTypeError     415 invalid_request_error, code "unsupported_media_type"
     ├── RateLimitError                429 rate_limit_error (retryable)
-    ├── OverloadedError               503 overloaded_error (retryable)
+    ├── OverloadedError               503 overloaded_error (retryable; "circuit_open" when a
+    │                                     backend's breaker refuses calls)
     ├── UpstreamError                 502 upstream_error (retryable)
     ├── RequestTimeoutError           504 timeout (retryable)
     ├── GenerationCancelled           499 cancelled (client went away)
@@ -31,12 +32,23 @@ class SlmgateError(Exception):
     code: str | None = None
     retryable: bool = False
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    retry_after: float | None = None  # seconds, sent as Retry-After on 429/503
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
 
     def to_body(self) -> dict[str, dict[str, str | None]]:
         """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import uvicorn
 
-from decoding.backend import FinishEvent
+from decoding.backend import FinishEvent, collect
 from decoding.constraint import JsonSchema, NoConstraint, ToolCalls, ToolSpec
 from decoding.models import ModelSpec, build_backend
 from decoding.openai_compat import (
@@ -39,6 +39,7 @@ from decoding.validate import check_output
 from schemas.errors import (
     ContextLengthError,
     InvalidRequestError,
+    OverloadedError,
     RequestTimeoutError,
     UpstreamError,
 )
@@ -317,7 +318,7 @@ async def test_persistent_503_raises_then_the_breaker_fails_fast(
     assert waits.seconds == [0.01, 0.02]
     assert breaker.state == "open"
 
-    with pytest.raises(UpstreamError, match="circuit open for backend remote"):
+    with pytest.raises(OverloadedError, match="circuit open for backend remote"):
         await backend.complete(chat())
     assert len(script.requests) == 3  # failed fast, no request
 
@@ -583,6 +584,8 @@ async def test_streaming_gives_what_complete_gives(
     assert "".join(e.text for e in tokens) + finishes[0].text == result.choices[0].text
     assert finishes[0].reason == result.choices[0].finish_reason
     assert finishes[0].prompt_tokens == result.prompt_tokens
+    # Tool-call deltas carry no token events: the usage count still reaches the books.
+    assert collect(streamed, "m").completion_tokens == result.completion_tokens
     signal = [(e.logprob, e.entropy, e.top_logprobs) for e in tokens if not e.forced]
     expected = [(e.logprob, e.entropy, e.top_logprobs) for e in result.choices[0].events
                 if not e.forced]  # fmt: skip

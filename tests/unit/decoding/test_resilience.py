@@ -15,6 +15,7 @@ from decoding.resilience import (
 )
 from schemas.errors import (
     InvalidRequestError,
+    OverloadedError,
     RequestTimeoutError,
     SlmgateError,
     UpstreamError,
@@ -238,7 +239,7 @@ async def test_open_breaker_fails_fast_and_recovers_after_a_probe() -> None:
     assert state(breaker) == "open"
 
     fn, calls = scripted(["never"])
-    with pytest.raises(UpstreamError, match="circuit open for backend llm"):
+    with pytest.raises(OverloadedError, match="circuit open for backend llm"):
         await call_with_retries(fn, policy, breaker, name="llm", sleep=Sleeps(clock))
     assert calls == []
 
@@ -253,7 +254,7 @@ async def test_breaker_opening_mid_call_stops_the_retries() -> None:
     breaker = CircuitBreaker(failure_threshold=2, reset_after_s=30.0, clock=clock)
     first = Upstream("first")
     fn, calls = scripted([first, Upstream("second"), "ok"])
-    with pytest.raises(UpstreamError, match="circuit open") as info:
+    with pytest.raises(OverloadedError, match="circuit open") as info:
         await call_with_retries(fn, RetryPolicy(max_retries=5), breaker, sleep=Sleeps(clock))
     assert len(calls) == 2
     assert isinstance(info.value.__cause__, SlmgateError)
@@ -266,7 +267,7 @@ async def test_half_open_probe_failure_reopens() -> None:
     breaker.record_failure()
     clock.now = 10.0
     fn, calls = scripted([Upstream(), "ok"])
-    with pytest.raises(UpstreamError, match="circuit open"):
+    with pytest.raises(OverloadedError, match="circuit open"):
         await call_with_retries(fn, RetryPolicy(jitter=False), breaker, sleep=Sleeps(clock))
     assert len(calls) == 1  # the probe; its failure reopened the breaker
     assert state(breaker) == "open"
