@@ -21,6 +21,9 @@ FaultMode = Literal["500", "close", "refuse", "mixed"]
 # failing upstream (its faults must become answers from the SLM), and one route per tier.
 ROUTES = ("cascade", "failover", "slm", "remote")
 REMOTE_ROUTES = frozenset({"cascade", "failover", "remote"})  # routes that can reach the upstream
+# Routes with another tier to answer when the upstream fails: a retryable fault must never reach
+# their clients as a 5xx. ``remote`` has only the upstream: its faults are reported, not judged.
+FALLBACK_ROUTES = frozenset({"cascade", "failover"})
 
 PERSON_SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.soak_client import ClientResult
-from benchmarks.soak_plan import REMOTE_ROUTES
+from benchmarks.soak_plan import FALLBACK_ROUTES, REMOTE_ROUTES
 from router.stats import percentile
 
 ACCEPTABLE_5XX = (503, 504)  # 503 only with Retry-After (shed load); 504 is counted apart
@@ -42,7 +42,8 @@ def summarize(
     """Counts, latencies, the reconciliation and the verdict (``passed``, ``failures``)."""
     answered = [r for r in results if not r.cut and r.transport_error is None]
     ok = [r for r in answered if r.final_status == 200]
-    fault = [r for r in results if unhandled_5xx(r) and r.route in REMOTE_ROUTES]
+    fault = [r for r in results if unhandled_5xx(r) and r.route in FALLBACK_ROUTES]
+    lone = [r for r in results if unhandled_5xx(r) and r.route in REMOTE_ROUTES - FALLBACK_ROUTES]
     other = [r for r in results if unhandled_5xx(r) and r.route not in REMOTE_ROUTES]
     shed = [r for r in answered if r.final_status == 503 and not unhandled_5xx(r)]
     latency: dict[str, Any] = {"all": {"p50_ms": _ms([r.latency_s for r in ok], 50),
@@ -54,7 +55,7 @@ def summarize(
     if ledger["lost"]:
         failures.append(f"{ledger['lost']} ledger rows lost")
     if fault:
-        failures.append(f"{len(fault)} 5xx answers on routes with the failing upstream")
+        failures.append(f"{len(fault)} 5xx answers on routes that could fall back to another tier")
     if other:
         failures.append(f"{len(other)} unexpected 5xx answers on SLM-only routes")
     warnings = []
@@ -75,6 +76,8 @@ def summarize(
         "faults": {
             "fault_5xx": len(fault),
             "fault_5xx_examples": [f"{r.task_id} {r.route} {r.final_status}" for r in fault[:5]],
+            "single_tier_upstream_5xx": len(lone),
+            "single_tier_upstream_statuses": dict(Counter(str(r.final_status) for r in lone)),
             "other_5xx": len(other),
             "shed_503_retry_after": len(shed),
             "http_504": sum(r.final_status == 504 for r in answered),
@@ -110,7 +113,9 @@ def table(summary: dict[str, Any]) -> str:
          f"{req['cut_disconnect']} / {req['cut_timeout']}"),
         ("transport errors / in-stream errors",
          f"{req['transport_errors']} / {req['stream_errors']}"),
-        ("5xx from upstream faults (target 0)", faults["fault_5xx"]),
+        ("5xx on routes with a fallback tier (target 0)", faults["fault_5xx"]),
+        ("5xx on the upstream-only route (no other tier; reported)",
+         faults["single_tier_upstream_5xx"]),
         ("other 5xx", faults["other_5xx"]),
         ("503 + Retry-After / 504", f"{faults['shed_503_retry_after']} / {faults['http_504']}"),
         ("answered by the other tier after an error", faults["answered_by_other_tier"]),

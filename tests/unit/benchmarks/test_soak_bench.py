@@ -364,16 +364,19 @@ def test_summary_passes_only_with_no_lost_rows_and_no_fault_5xx() -> None:
     assert summary["latency"]["slm"] == {"p50_ms": 300.0, "p95_ms": 300.0, "n": 1}
     assert "| verdict | PASS |" in table(summary)
 
-    bad = [_result("a", status=502, route="remote"), _result("b", status=500, route="slm"),
-           _result("c")]  # fmt: skip
-    failed = _summary(bad, reconcile(bad, [_req("a"), _req("b")], []))
+    bad = [_result("a", status=502, route="cascade"), _result("b", status=500, route="slm"),
+           _result("c"), _result("d", status=502, route="remote")]  # fmt: skip
+    failed = _summary(bad, reconcile(bad, [_req("a"), _req("b"), _req("d")], []))
     assert not failed["passed"]
     assert failed["failures"] == [
         "1 ledger rows lost",
-        "1 5xx answers on routes with the failing upstream",
+        "1 5xx answers on routes that could fall back to another tier",
         "1 unexpected 5xx answers on SLM-only routes",
     ]
-    assert failed["faults"]["fault_5xx_examples"] == ["a remote 502"]
+    assert failed["faults"]["fault_5xx_examples"] == ["a cascade 502"]
+    # The upstream-only route has no other tier: its 502 is reported, not judged.
+    assert failed["faults"]["single_tier_upstream_5xx"] == 1
+    assert failed["faults"]["single_tier_upstream_statuses"] == {"502": 1}
     assert "| verdict | FAIL: 1 ledger rows lost; " in table(failed)
 
 
