@@ -33,7 +33,13 @@ from decoding.backend import BackendInfo, FinishEvent, collect
 from decoding.chat_template import render_prompt
 from decoding.constraint import ToolCalls
 from decoding.detokenize import IncrementalDetokenizer, StopStrings
-from decoding.grammar import CompiledConstraint, GrammarCompiler, GrammarState
+from decoding.grammar import (
+    CompiledConstraint,
+    GrammarCompiler,
+    GrammarState,
+    shared_grammar_cache,
+)
+from decoding.grammar_compile import GrammarLimits
 from decoding.loader import LoadedModel
 from decoding.prefix_cache import PrefixCache
 from decoding.sampling import Pick, pick_token
@@ -55,6 +61,9 @@ log = logging.getLogger(__name__)
 
 
 SPECULATION_MODES = ("auto", "none", "suffix", "stand", "both")
+# Forced text is cut to this many characters per token of budget left before it is tokenised,
+# so a long forced string never costs more than the tokens it can still become.
+FORCED_CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +90,20 @@ class EngineConfig:
     the rows of up to ``prefix_cache_tokens`` recent prompt tokens are kept so a request that
     shares whole blocks with an earlier prompt (an agent's next turn) prefills only the rest
     (``decoding.prefix_cache``; exact: a hit yields the tensors a miss computes); 0 disables it.
+
+    ``model`` is the model's name reported in ``BackendInfo.model`` (never a local path; the
+    engine's ``name`` when empty). ``max_prompt_tokens`` caps the prompt (None: the context
+    length); a longer one is a ``ContextLengthError``, so a cascade moves to its next tier.
+    ``grammar_limits`` bound grammar compiles, their cache and the schemas accepted.
     """
 
     name: str
     tier: str = "slm"
+    model: str = ""
     jump_forward: bool = True
     warmup: bool = True
-    grammar_cache_size: int = 256
+    max_prompt_tokens: int | None = None
+    grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)
     price_in_per_mtok: float = 0.0
     price_out_per_mtok: float = 0.0
     speculation: str = "auto"
@@ -99,8 +115,8 @@ class EngineConfig:
     stand: StandConfig = field(default_factory=StandConfig)
 
     def __post_init__(self) -> None:
-        if self.grammar_cache_size < 1:
-            raise ValueError("grammar_cache_size must be >= 1")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError("max_prompt_tokens must be >= 1 (or None for the context length)")
         if self.speculation not in SPECULATION_MODES:
             raise ValueError(f"speculation must be one of {SPECULATION_MODES}")
         if self.spec_max_draft < 0:
@@ -148,13 +164,14 @@ class EmbeddedEngine:
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
         self.grammars = GrammarCompiler.for_hf_tokenizer(
-            self.tokenizer, self.vocab_size, self.stop_ids, cache_size=config.grammar_cache_size
-        )
+            self.tokenizer, self.vocab_size, self.stop_ids, limits=config.grammar_limits,
+            cache=shared_grammar_cache(config.grammar_limits),
+        )  # fmt: skip
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.info = BackendInfo(
             name=config.name,
             tier=config.tier,
-            model=loaded.source,
+            model=config.model or config.name,
             context_length=self.context_length,
             supports_logprobs=True,
             supports_grammar=True,
@@ -196,8 +213,29 @@ class EmbeddedEngine:
         log.info("%s warmed up in %.1f s", self.config.name, time.perf_counter() - started)
 
     def prepare(self, req: GenerationRequest) -> PreparedRequest:
-        """Render the prompt, check the length, compile the grammar. Raises 400-class errors."""
+        """Render the prompt, check the length, compile the grammar. Raises 400-class errors
+        (the grammar's within ``grammar_limits.compile_timeout_s``)."""
+        prompt_ids, max_new_tokens = self._check_prompt(req)
+        grammar = self.grammars.compile(req.constraint, param=_grammar_param(req))
+        return PreparedRequest(req, prompt_ids, grammar, max_new_tokens)
+
+    async def prepare_async(self, req: GenerationRequest) -> PreparedRequest:
+        """``prepare`` for the event loop: the prompt is rendered on a worker thread and the
+        grammar compile is awaited without holding a thread while it runs."""
+        prompt_ids, max_new_tokens = await asyncio.to_thread(self._check_prompt, req)
+        grammar = await self.grammars.compile_async(req.constraint, param=_grammar_param(req))
+        return PreparedRequest(req, prompt_ids, grammar, max_new_tokens)
+
+    def _check_prompt(self, req: GenerationRequest) -> tuple[list[int], int]:
+        """The prompt's token ids and the most tokens it leaves room for, or a 400."""
         prompt_ids = render_prompt(self.tokenizer, list(req.messages), list(req.tools))
+        cap = self.config.max_prompt_tokens
+        if cap is not None and len(prompt_ids) > cap:
+            raise ContextLengthError(
+                f"This model takes prompts of at most {cap} tokens (limits.max_prompt_tokens). "
+                f"However, your messages resulted in {len(prompt_ids)} tokens.",
+                param="messages",
+            )
         room = self.context_length - len(prompt_ids)
         if room <= 0:
             raise ContextLengthError(
@@ -218,9 +256,7 @@ class EmbeddedEngine:
             self.drafters.names(self.speculation_for(req))
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="speculation") from None
-        param = "tools" if isinstance(req.constraint, ToolCalls) else "response_format"
-        grammar = self.grammars.compile(req.constraint, param=param)
-        return PreparedRequest(req, prompt_ids, grammar, max_tokens or room)
+        return prompt_ids, max_tokens or room
 
     def generate_sync(
         self,
@@ -431,14 +467,15 @@ class EmbeddedEngine:
             drafting.extend(emitted)
 
     def _jump_forward(self, grammar: GrammarState | None, budget: int) -> list[int]:
-        """Tokens of the text the grammar forces next, all accepted into ``grammar``.
+        """Tokens of the text the grammar forces next, all accepted into ``grammar``; at most
+        ``budget`` of them, from at most ``FORCED_CHARS_PER_TOKEN`` characters per token.
 
         The last token of the forced text is left to the model, so it can merge the forced
         text's end with what follows as it would without a grammar.
         """
-        if grammar is None or not self.config.jump_forward:
+        if grammar is None or not self.config.jump_forward or budget <= 0:
             return []
-        text = grammar.jump_forward()
+        text = grammar.jump_forward(max_chars=budget * FORCED_CHARS_PER_TOKEN)
         if not text:
             return []
         ids = self.tokenizer.encode(text, add_special_tokens=False)[:-1][:budget]
@@ -496,6 +533,11 @@ class EmbeddedEngine:
 
     def _collect(self, req: GenerationRequest, events: list[Any]) -> GenerationResult:
         return collect(events, self.config.name)
+
+
+def _grammar_param(req: GenerationRequest) -> str:
+    """The request field a grammar error points at."""
+    return "tools" if isinstance(req.constraint, ToolCalls) else "response_format"
 
 
 def prune_draft(

@@ -117,8 +117,7 @@ class LiteLLMBackend(RemoteBackend):
             base_out if config.price_out_per_mtok is None else config.price_out_per_mtok,
         )
         self.base_url = normalise_base_url(config.base_url) if config.base_url else None
-        label = f"{self.base_url}#{config.model}" if self.base_url else config.model
-        super().__init__(config, label, prices, breaker=breaker, sleep=sleep)
+        super().__init__(config, config.model, prices, breaker=breaker, sleep=sleep)
         self._api_key = config.api_key()
 
     async def _send(

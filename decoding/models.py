@@ -12,6 +12,7 @@ import torch
 
 from decoding.backend import Backend
 from decoding.engine import EmbeddedEngine, EngineConfig
+from decoding.grammar_compile import GrammarLimits
 from decoding.loader import LoadedModel, default_cache_dir, load_gguf_source, load_model_dir
 from decoding.openai_compat import OpenAICompatBackend, RemoteConfig
 from decoding.resilience import RetryPolicy
@@ -61,6 +62,8 @@ class ModelSpec:
     Embedded models take ``speculation`` (``auto``: by dtype, see ``EngineConfig``; ``none``,
     ``suffix``, ``stand``, ``both``) and ``spec_max_draft``; routes and requests may override it.
     ``prefix_cache_tokens`` bounds the prompt rows kept for reuse by later requests (0: off).
+    ``max_prompt_tokens`` caps this model's prompts (None: its context length, or the
+    gateway's ``limits.max_prompt_tokens``; the smaller one applies).
 
     Prices are $ per 1M tokens. ``None`` means the default: ``BUILTIN_PRICES`` for the
     built-in models, LiteLLM's cost map for ``litellm``, else 0 (a local model directory or an
@@ -88,6 +91,7 @@ class ModelSpec:
     speculation: str = "auto"  # embedded: default drafter (EngineConfig.speculation)
     spec_max_draft: int = 16
     prefix_cache_tokens: int = 32768  # embedded: prompt rows kept for reuse (0: off)
+    max_prompt_tokens: int | None = None  # embedded: longer prompts skip to the next tier
 
     def __post_init__(self) -> None:
         for price in (self.price_in_per_mtok, self.price_out_per_mtok):
@@ -124,6 +128,8 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: embedded models need a source")
         if self.prefix_cache_tokens < 0:
             raise ValueError(f"model {self.name!r}: prefix_cache_tokens must be >= 0")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"model {self.name!r}: max_prompt_tokens must be >= 1 (or null)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16: {self.dtype!r}")
         if not self.source.startswith("builtin:") and not Path(self.source).exists():
@@ -150,6 +156,14 @@ class ModelSpec:
     def resolved_dtype(self) -> str:
         return "bfloat16" if self.dtype == "auto" else self.dtype
 
+    def model_name(self) -> str:
+        """What the weights are called in API output: the built-in's name or the model
+        directory's name, never a local path ("smollm2-135m-instruct", "Qwen2.5-7B")."""
+        if self.source.startswith("builtin:"):
+            return self.source.removeprefix("builtin:")
+        path = Path(self.source)
+        return path.name or path.resolve().name or self.name
+
 
 DEFAULT_MODELS = (
     ModelSpec("slm", "builtin:smollm2-135m-instruct", tier="slm"),
@@ -165,19 +179,28 @@ def load_weights(spec: ModelSpec, cache_dir: Path | None = None) -> LoadedModel:
 
 
 def load_engine(
-    spec: ModelSpec, cache_dir: Path | None = None, warmup: bool = True
+    spec: ModelSpec,
+    cache_dir: Path | None = None,
+    warmup: bool = True,
+    grammar_limits: GrammarLimits | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> EmbeddedEngine:
-    """Load, warm up and return the engine for ``spec``; logs where the weights came from."""
+    """Load, warm up and return the engine for ``spec``; logs where the weights came from.
+    ``max_prompt_tokens`` is the gateway-wide cap; the spec's own applies when smaller."""
     loaded = load_weights(spec, cache_dir or default_cache_dir())
     log.info(
         "model %s: %s on %s (%s)", spec.name, loaded.source, spec.resolved_device(),
         spec.resolved_dtype(),
     )  # fmt: skip
     price_in, price_out = spec.resolved_prices()
+    caps = [c for c in (spec.max_prompt_tokens, max_prompt_tokens) if c is not None]
     config = EngineConfig(
         name=spec.name,
         tier=spec.tier,
+        model=spec.model_name(),
         warmup=warmup,
+        max_prompt_tokens=min(caps) if caps else None,
+        grammar_limits=grammar_limits or GrammarLimits(),
         price_in_per_mtok=price_in,
         price_out_per_mtok=price_out,
         speculation=spec.speculation,
@@ -208,14 +231,21 @@ def remote_config(spec: ModelSpec) -> RemoteConfig:
     )
 
 
-def build_backend(spec: ModelSpec, cache_dir: Path | None = None, warmup: bool = True) -> Backend:
+def build_backend(
+    spec: ModelSpec,
+    cache_dir: Path | None = None,
+    warmup: bool = True,
+    grammar_limits: GrammarLimits | None = None,
+    max_prompt_tokens: int | None = None,
+) -> Backend:
     """The backend for ``spec``: a loaded embedded engine, or a remote client (no network
     call is made here; a missing ``api_key_env`` variable fails now, not at the first
-    request)."""
+    request). ``grammar_limits`` and ``max_prompt_tokens`` (the gateway's ``limits``) apply
+    to embedded engines."""
     if spec.kind == "openai":
         return OpenAICompatBackend(remote_config(spec))
     if spec.kind == "litellm":
         from decoding.litellm_backend import LiteLLMBackend  # optional dependency
 
         return LiteLLMBackend(remote_config(spec))
-    return load_engine(spec, cache_dir, warmup)
+    return load_engine(spec, cache_dir, warmup, grammar_limits, max_prompt_tokens)

@@ -212,8 +212,8 @@ def check_request(req: GenerationRequest, *, vllm_extras: bool, context_length: 
     if isinstance(c, JsonSchema):
         check_usable(c.schema, "response_format")
     elif isinstance(c, ToolCalls):
-        for tool in c.tools:
-            check_usable(tool.parameters, "tools")
+        for i, tool in enumerate(c.tools):
+            check_usable(tool.parameters, f"tools.{i}.function.parameters")
         if isinstance(c.final, JsonSchema):
             check_usable(c.final.schema, "response_format")
     elif isinstance(c, Regex) and not vllm_extras:
@@ -682,8 +682,8 @@ class OpenAICompatBackend(RemoteBackend):
             raise ValueError(f"model {config.name!r}: an OpenAI-compatible backend needs base_url")
         self.base_url = normalise_base_url(config.base_url)
         prices = (config.price_in_per_mtok or 0.0, config.price_out_per_mtok or 0.0)
-        super().__init__(config, f"{self.base_url}#{config.model}", prices, breaker=breaker,
-                         sleep=sleep)  # fmt: skip
+        # The served model's name only: a server's address is not for API output.
+        super().__init__(config, config.model, prices, breaker=breaker, sleep=sleep)
         self._headers = {"Content-Type": "application/json"}
         key = config.api_key()
         if key:

@@ -163,7 +163,7 @@ def create_app(
         trace = Trace(req.request_id, route.name, task_id)
         try:
             with gw.slot():
-                plan = await asyncio.to_thread(router.plan, route, req, trace)  # 400s up front
+                plan = await router.plan_async(route, req, trace)  # 400s up front
         except BaseException as exc:
             gw.callers.release(caller)
             gw.record(trace, req, error=as_error(exc), stream=wire.stream)

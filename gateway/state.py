@@ -54,11 +54,22 @@ class Gateway:
 
     def load_models(self) -> None:
         """Load every configured model (blocking; runs on a background thread)."""
+        from decoding.grammar_compile import GrammarLimits
         from decoding.models import build_backend
 
         try:
             cache = None if self.config.cache_dir is None else Path(self.config.cache_dir)
-            backends = {m.name: build_backend(m, cache) for m in self.config.models}
+            limits = self.config.limits
+            grammar = GrammarLimits(
+                compile_timeout_s=limits.grammar_compile_timeout_s,
+                cache_bytes=limits.grammar_cache_bytes,
+                max_schema_depth=limits.max_json_depth,
+            )
+            backends = {
+                m.name: build_backend(m, cache, grammar_limits=grammar,
+                                      max_prompt_tokens=limits.max_prompt_tokens)
+                for m in self.config.models
+            }  # fmt: skip
             routes = {r.name: r for r in self.config.routes}
             self.router = Router(backends, routes, EnergyMeter())
             log.info("ready: models %s, routes %s", sorted(backends),

@@ -43,6 +43,15 @@ def prepare_on(backend: Any, req: GenerationRequest) -> Any:
     return None if prepare is None else prepare(req)
 
 
+async def prepare_on_async(backend: Any, req: GenerationRequest) -> Any:
+    """``prepare_on`` for the event loop: a backend's ``prepare_async`` (a grammar compile
+    awaited on its own pool) when it has one, else ``prepare`` on a worker thread."""
+    prepare_async = getattr(backend, "prepare_async", None)
+    if prepare_async is not None:
+        return await prepare_async(req)
+    return await asyncio.to_thread(prepare_on, backend, req)
+
+
 def prompt_tokens_of(prepared: Any) -> int:
     """Prompt length from a prepared request: an attempt cut off before its first event never
     reports it, but its prefill was still paid for."""
@@ -99,7 +108,7 @@ class Attempt:
         ``window``: tokens held back before the output is committed (None: all of it, 0: none).
         Early fallback watches held tokens only: committed output is never switched."""
         if prepare:
-            self.prepared = await asyncio.to_thread(prepare_on, self.backend, req)
+            self.prepared = await prepare_on_async(self.backend, req)
         watch = not self.final and self.route.cascades and self.route.early_fallback.enabled
         watches: dict[int, CollapseWatch] = {}
         committed = window == 0

@@ -40,7 +40,7 @@ from router.answer import (
     request_record,
     schema_valid_of,
 )
-from router.attempt import prepare_on
+from router.attempt import prepare_on, prepare_on_async
 from router.energy import EnergyMeter
 from router.route import POLICIES, Policy, Route
 from router.tier_loop import is_caller_error, run_tiers
@@ -97,15 +97,8 @@ class Router:
 
     def plan(self, route: Route, req: GenerationRequest, trace: Trace | None = None) -> Plan:
         """Pick the first tier and prepare it, so request errors (schema, context length)
-        surface as 400s before any byte is sent. Blocking: run it in a thread."""
-        start, skip = 0, None
-        if route.policy in ("pre", "pre_cascade"):
-            small_ok, score = route.pre.small_is_enough(req)
-            if trace is not None:
-                trace.pre_score = score
-            if not small_ok:
-                start, skip = len(route.tiers) - 1, "pre_router"
-        last = len(route.tiers) - 1 if route.cascades or route.policy == "pre" else start
+        surface as 400s before any byte is sent. Blocking: servers use ``plan_async``."""
+        start, skip, last = self._first_tier(route, req, trace)
         tier = start
         while True:
             try:
@@ -115,6 +108,36 @@ class Router:
                 if tier >= last:
                     raise
                 tier, skip = tier + 1, "context_length"
+
+    async def plan_async(
+        self, route: Route, req: GenerationRequest, trace: Trace | None = None
+    ) -> Plan:
+        """``plan`` on the event loop: a grammar compile is awaited without holding a thread."""
+        start, skip, last = self._first_tier(route, req, trace)
+        tier = start
+        while True:
+            try:
+                prepared = await prepare_on_async(self.backend(route, tier), req)
+                return Plan(route, tier, {tier: prepared}, skip)
+            except ContextLengthError:
+                if tier >= last:
+                    raise
+                tier, skip = tier + 1, "context_length"
+
+    @staticmethod
+    def _first_tier(
+        route: Route, req: GenerationRequest, trace: Trace | None
+    ) -> tuple[int, str | None, int]:
+        """(first tier, why earlier tiers are skipped, last tier a too-long prompt may reach)."""
+        start, skip = 0, None
+        if route.policy in ("pre", "pre_cascade"):
+            small_ok, score = route.pre.small_is_enough(req)
+            if trace is not None:
+                trace.pre_score = score
+            if not small_ok:
+                start, skip = len(route.tiers) - 1, "pre_router"
+        last = len(route.tiers) - 1 if route.cascades or route.policy == "pre" else start
+        return start, skip, last
 
     def with_speculation(self, route: Route, req: GenerationRequest) -> GenerationRequest:
         """Apply the route's speculation setting unless the request chose one itself."""

@@ -9,6 +9,7 @@ recursion (string literals removed first, so brackets inside strings do not coun
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -70,3 +71,32 @@ def _has_lone_surrogate(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def compact_json(value: Any) -> str:
+    """``json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)`` without
+    recursion (the C encoder raises RecursionError past ~1,000 levels)."""
+    parts: list[str] = []
+    stack: list[tuple[bool, Any]] = [(False, value)]  # (is literal text, item)
+    while stack:
+        literal, item = stack.pop()
+        if literal:
+            parts.append(item)
+        elif isinstance(item, dict):
+            seq: list[tuple[bool, Any]] = [(True, "{")]
+            for i, (key, sub) in enumerate(item.items()):
+                prefix = "," if i else ""
+                name = key if isinstance(key, str) else json.dumps(key, default=str)
+                seq += [(True, prefix + json.dumps(str(name), ensure_ascii=False) + ":"),
+                        (False, sub)]  # fmt: skip
+            seq.append((True, "}"))
+            stack.extend(reversed(seq))
+        elif isinstance(item, list | tuple):
+            seq = [(True, "[")]
+            for i, sub in enumerate(item):
+                seq += [(True, ","), (False, sub)] if i else [(False, sub)]
+            seq.append((True, "]"))
+            stack.extend(reversed(seq))
+        else:
+            parts.append(json.dumps(item, ensure_ascii=False, default=str))
+    return "".join(parts)

@@ -1,13 +1,15 @@
 """JSON-schema utilities shared by every layer: canonical form and cache key, meta-schema check,
-keywords the grammar cannot enforce, and validation of generated instances.
+keywords the grammar cannot enforce, satisfiability, size bounds, and validation of generated
+instances.
 
-Pure functions over plain dicts; no grammar engine and no model here.
+Pure functions over plain dicts; no grammar engine and no model here. Nothing here recurses on
+the schema's nesting (walks use explicit stacks; the meta-schema check and validation run only
+below ``DEFAULT_MAX_DEPTH`` levels), so a 10,000-level schema is a 400, never a RecursionError.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +17,13 @@ import jsonschema
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
-from schemas.errors import InvalidRequestError, UnsupportedSchemaError
+from schemas.errors import InvalidRequestError, SchemaTooComplexError, UnsupportedSchemaError
+from schemas.json_limits import compact_json
+from schemas.schema_shape import schema_shape
+
+# Deepest JSON nesting (objects and arrays) accepted in a schema or validated in an instance;
+# the gateway's ``limits.max_json_depth`` has the same default.
+DEFAULT_MAX_DEPTH = 64
 
 # Keywords whose value is a single subschema / a map of name → subschema / a list of subschemas.
 _SUBSCHEMA = (
@@ -41,75 +49,124 @@ VALIDATED_AFTER_GENERATION = frozenset(
 )  # fmt: skip
 
 
-def iter_subschemas(schema: Any, path: str = "#") -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``(json-pointer, subschema)`` for ``schema`` and every schema nested in it."""
-    if not isinstance(schema, dict):
-        return
-    yield path, schema
+# ---- bounded walks ------------------------------------------------------------------------------
+
+
+def json_depth(value: Any, stop_above: int | None = None) -> int:
+    """Nesting depth of objects and arrays in ``value`` (a scalar is 0, ``{}`` is 1), found
+    without recursion; with ``stop_above`` the walk ends as soon as the depth exceeds it."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        depth += 1
+        if depth > deepest:
+            deepest = depth
+            if stop_above is not None and deepest > stop_above:
+                return deepest
+        stack.extend((child, depth) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def check_depth(value: Any, param: str | None, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+    """A 400 when ``value`` nests deeper than ``max_depth``: deeper schemas would exhaust the
+    recursion of the meta-schema check, the validator and the grammar compiler."""
+    if json_depth(value, stop_above=max_depth) > max_depth:
+        raise SchemaTooComplexError(
+            f"the JSON schema is nested deeper than {max_depth} levels "
+            f"(limit {max_depth}, limits.max_json_depth)",
+            param=param,
+        )
+
+
+def _children(schema: dict[str, Any], path: str) -> list[tuple[str, Any]]:
+    """``(pointer, subschema)`` for the subschemas directly inside ``schema``, in key order."""
+    out: list[tuple[str, Any]] = []
     for key in _SUBSCHEMA:
         if key in schema:
             value = schema[key]
             if isinstance(value, list):  # draft-4 tuple form of "items"
-                for i, item in enumerate(value):
-                    yield from iter_subschemas(item, f"{path}/{key}/{i}")
+                out.extend((f"{path}/{key}/{i}", item) for i, item in enumerate(value))
             else:
-                yield from iter_subschemas(value, f"{path}/{key}")
+                out.append((f"{path}/{key}", value))
     for key in _SUBSCHEMA_MAP:
         value = schema.get(key)
         if isinstance(value, dict):
-            for name, sub in value.items():
-                yield from iter_subschemas(sub, f"{path}/{key}/{name}")
+            out.extend((f"{path}/{key}/{name}", sub) for name, sub in value.items())
     for key in _SUBSCHEMA_LIST:
         value = schema.get(key)
         if isinstance(value, list):
-            for i, sub in enumerate(value):
-                yield from iter_subschemas(sub, f"{path}/{key}/{i}")
+            out.extend((f"{path}/{key}/{i}", sub) for i, sub in enumerate(value))
+    return out
+
+
+def iter_subschemas(schema: Any, path: str = "#") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(json-pointer, subschema)`` for ``schema`` and every schema nested in it
+    (pre-order, without recursion)."""
+    stack: list[tuple[str, Any]] = [(path, schema)]
+    while stack:
+        pointer, sub = stack.pop()
+        if not isinstance(sub, dict):
+            continue
+        yield pointer, sub
+        stack.extend(reversed(_children(sub, pointer)))
 
 
 def canonical_schema(schema: Any) -> Any:
     """``schema`` without annotation keywords, keeping key order (the grammar follows it).
+    Built with an explicit stack, so any depth is fine.
 
     >>> canonical_schema({"title": "T", "properties": {"title": {"type": "string"}}})
     {'properties': {'title': {'type': 'string'}}}
     """
     if not isinstance(schema, dict):
         return schema
-    out: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key in _ANNOTATIONS:
-            continue
-        if key in _SUBSCHEMA_MAP and isinstance(value, dict):
-            out[key] = {name: canonical_schema(sub) for name, sub in value.items()}
-        elif key in _SUBSCHEMA_LIST and isinstance(value, list):
-            out[key] = [canonical_schema(sub) for sub in value]
-        elif key in _SUBSCHEMA:
-            out[key] = (
-                [canonical_schema(v) for v in value]
-                if isinstance(value, list)
-                else canonical_schema(value)
-            )
-        else:
-            out[key] = value
-    return out
+    root: dict[str, Any] = {}
+    stack: list[tuple[dict[str, Any], dict[str, Any]]] = [(schema, root)]
+
+    def slot(sub: Any) -> Any:
+        if not isinstance(sub, dict):
+            return sub
+        out: dict[str, Any] = {}
+        stack.append((sub, out))
+        return out
+
+    while stack:
+        source, target = stack.pop()
+        for key, value in source.items():
+            if key in _ANNOTATIONS:
+                continue
+            if key in _SUBSCHEMA_MAP and isinstance(value, dict):
+                target[key] = {name: slot(sub) for name, sub in value.items()}
+            elif key in _SUBSCHEMA_LIST and isinstance(value, list):
+                target[key] = [slot(sub) for sub in value]
+            elif key in _SUBSCHEMA:
+                target[key] = [slot(v) for v in value] if isinstance(value, list) else slot(value)
+            else:
+                target[key] = value
+    return root
 
 
 def schema_key(kind: str, schema: Any, **options: Any) -> str:
-    """Stable cache key for compiling ``schema`` as ``kind`` with ``options``."""
-    payload = json.dumps(
-        [kind, canonical_schema(schema), sorted(options.items())],
-        separators=(",", ":"),
-        ensure_ascii=False,
-        default=str,
-    )
+    """Stable cache key for compiling ``schema`` as ``kind`` with ``options`` (any depth)."""
+    payload = compact_json([kind, canonical_schema(schema), sorted(options.items())])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def check_schema(schema: Any, param: str) -> None:
-    """Raise a 400 unless ``schema`` is a valid JSON schema we can resolve locally."""
+def check_schema(schema: Any, param: str, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+    """Raise a 400 unless ``schema`` is a valid JSON schema we can resolve locally, nested at
+    most ``max_depth`` levels (checked first: the meta-schema check recurses)."""
     if not isinstance(schema, dict | bool):
         raise InvalidRequestError("a JSON schema must be an object or a boolean", param=param)
     if isinstance(schema, bool):
         return
+    check_depth(schema, param, max_depth)
     cls = validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(schema)
@@ -134,23 +191,37 @@ def keywords_checked_after(schema: Any) -> list[str]:
     return sorted(found & VALIDATED_AFTER_GENERATION)
 
 
-def validation_errors(instance: Any, schema: Any, limit: int = 5) -> list[str]:
+def validation_errors(
+    instance: Any, schema: Any, limit: int = 5, max_depth: int = DEFAULT_MAX_DEPTH
+) -> list[str]:
     """Why ``instance`` fails ``schema`` (empty list when valid).
 
     Uses the draft named by ``$schema`` (2020-12 when absent) with format checking on, so a
-    ``"format": "email"`` string that is not an e-mail address counts as invalid.
+    ``"format": "email"`` string that is not an e-mail address counts as invalid. An instance
+    or schema nested deeper than ``max_depth``, or a schema that refers to itself without end,
+    is reported as an error instead of exhausting the validator's recursion.
     """
     if isinstance(schema, bool):
         return [] if schema else ["the schema 'false' accepts nothing"]
+    if json_depth(instance, stop_above=max_depth) > max_depth:
+        return [f"(root): the value is nested deeper than {max_depth} levels"]
+    if json_depth(schema, stop_above=max_depth) > max_depth:
+        return [f"(root): the schema is nested deeper than {max_depth} levels"]
     cls = validator_for(schema, default=jsonschema.Draft202012Validator)
     validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
     errors = []
-    for err in validator.iter_errors(instance):
-        where = "/".join(str(p) for p in err.absolute_path) or "(root)"
-        errors.append(f"{where}: {err.message}")
-        if len(errors) >= limit:
-            break
+    try:
+        for err in validator.iter_errors(instance):
+            where = "/".join(str(p) for p in err.absolute_path) or "(root)"
+            errors.append(f"{where}: {err.message}")
+            if len(errors) >= limit:
+                break
+    except RecursionError:
+        return ["(root): the schema refers to itself without end; the value cannot be checked"]
     return errors
+
+
+# ---- contradictions -----------------------------------------------------------------------------
 
 
 def _json_type(value: Any) -> str:
@@ -180,20 +251,25 @@ _BOUNDS = (
 )  # fmt: skip
 
 
-_MUST_HOLD_STEPS = frozenset({"properties", "items", "prefixItems", "allOf"})
-
-
-def _must_hold(pointer: str) -> bool:
-    """Whether the subschema at ``pointer`` is reached only through keywords whose subschemas
-    constrain an instance whenever that part of it is present (no alternatives, no negation)."""
-    parts = pointer.split("/")[1:]
-    i = 0
-    while i < len(parts):
-        step = parts[i]
-        if step not in _MUST_HOLD_STEPS:
-            return False
-        i += 1 if step == "items" else 2  # properties/<name>, prefixItems/<i>, allOf/<i>
-    return True
+def _must_hold(schema: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(pointer, subschema)`` for the root and the subschemas reached only through keywords
+    that constrain a value whenever that part of it is present (``items``, ``properties``,
+    ``allOf``, ``prefixItems``: no alternatives, no negation), pre-order, without recursion."""
+    stack: list[tuple[str, Any]] = [("#", schema)]
+    while stack:
+        pointer, sub = stack.pop()
+        if not isinstance(sub, dict):
+            continue
+        yield pointer, sub
+        children: list[tuple[str, Any]] = []
+        if isinstance(sub.get("items"), dict):
+            children.append((f"{pointer}/items", sub["items"]))
+        if isinstance(sub.get("properties"), dict):
+            children += [(f"{pointer}/properties/{n}", s) for n, s in sub["properties"].items()]
+        for key in ("allOf", "prefixItems"):
+            if isinstance(sub.get(key), list):
+                children += [(f"{pointer}/{key}/{i}", s) for i, s in enumerate(sub[key])]
+        stack.extend(reversed(children))
 
 
 def unsatisfiable_reason(schema: Any) -> str | None:
@@ -203,17 +279,24 @@ def unsatisfiable_reason(schema: Any) -> str | None:
     ``items``, ``prefixItems``, ``allOf``) for ``enum``/``const`` values that their ``type``
     excludes (e.g. an ``enum`` of strings on an ``array`` type, found in real tool definitions),
     an empty ``enum``, lower bounds above upper bounds, and ``required`` properties that
-    ``additionalProperties: false`` forbids. A dead branch of ``anyOf``/``oneOf``, a ``not`` or
-    an unused definition leaves the schema satisfiable and is not reported. Returns ``None``
-    when nothing is found (the schema may still be unsatisfiable in ways this does not detect;
-    decoding then stops at the first step with no allowed token).
+    ``additionalProperties: false`` forbids. Then, over every subschema a generated value can
+    enter (through ``$ref`` too), one that only endless values satisfy: a required property,
+    ``minItems`` item or ``allOf`` part that leads back to itself (``schema_shape``). Such a
+    subschema would make constrained decoding force text without end. A dead branch of
+    ``anyOf``/``oneOf``, a ``not`` or an unused definition leaves the schema satisfiable and is
+    not reported. Returns ``None`` when nothing is found (the schema may still be unsatisfiable
+    in ways this does not detect; decoding then stops at the first step with no allowed token).
 
     >>> unsatisfiable_reason({"type": "array", "enum": ["a", "b"]})
     "#: no value of 'enum' has type 'array'"
     """
-    for pointer, sub in iter_subschemas(schema):
-        if not _must_hold(pointer):
-            continue
+    return contradiction_reason(schema) or schema_shape(schema).endless
+
+
+def contradiction_reason(schema: Any) -> str | None:
+    """The first local contradiction ``unsatisfiable_reason`` looks for (no recursion
+    analysis)."""
+    for pointer, sub in _must_hold(schema):
         declared = sub.get("type")
         if "enum" in sub and isinstance(sub["enum"], list):
             if not sub["enum"]:

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
 
 import pytest
 import xgrammar as xgr
 from xgrammar.testing import _is_grammar_accept_string as accepts
 
-from decoding.constraint import JsonObject, JsonSchema, NoConstraint, ToolCalls, ToolSpec
-from decoding.grammar import GrammarCompiler
+from decoding.constraint import (
+    JsonObject,
+    JsonSchema,
+    NoConstraint,
+    Regex,
+    ToolCalls,
+    ToolSpec,
+)
+from decoding.grammar import CompiledConstraint, GrammarCompiler
+from decoding.grammar_compile import GrammarLimits
 from decoding.tool_grammar import tool_call_structural_tag
-from schemas.errors import InvalidRequestError, UnsatisfiableSchemaError, UnsupportedSchemaError
+from schemas.errors import (
+    InvalidRequestError,
+    SchemaTooComplexError,
+    UnsatisfiableSchemaError,
+    UnsupportedSchemaError,
+)
 
 # Single characters plus a few merged tokens; id 0 is the end-of-text token.
 VOCAB = ["</s>", *list('{}[]":, abcdefghijklmnopqrstuvwxyz0123456789_-.\n<>/'), '{"', '":', '"}']
@@ -29,9 +44,11 @@ TAGGED_TIME = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</
 
 
 @pytest.fixture
-def compiler() -> GrammarCompiler:
+def compiler() -> Iterator[GrammarCompiler]:
     info = xgr.TokenizerInfo(VOCAB, vocab_type=xgr.VocabType.RAW, stop_token_ids=[0])
-    return GrammarCompiler(info, cache_size=2)
+    compiler = GrammarCompiler(info, cache_size=2)
+    yield compiler
+    compiler.close()
 
 
 def grammar_for(constraint: ToolCalls) -> xgr.Grammar:
@@ -182,3 +199,169 @@ def test_bad_tool_parameters_name_the_tool(compiler: GrammarCompiler) -> None:
     with pytest.raises(UnsatisfiableSchemaError) as info:
         compiler.compile(ToolCalls((WEATHER, bad)))
     assert info.value.param == "tools.1.function.parameters"
+
+
+# ---- bounded work: endless and oversized schemas, forced text, compile deadline -----------------
+
+ISSUE_SCHEMA = {
+    "$defs": {"node": {"type": "object", "properties": {"child": {"$ref": "#/$defs/node"}},
+                       "required": ["child"]}},
+    "$ref": "#/$defs/node",
+}  # fmt: skip
+
+
+def test_issue_schema_is_refused_before_any_compile(compiler: GrammarCompiler) -> None:
+    with pytest.raises(UnsatisfiableSchemaError) as info:
+        compiler.compile(JsonSchema(ISSUE_SCHEMA))
+    assert info.value.param == "response_format"
+    assert info.value.message == (
+        "the JSON schema cannot be satisfied: #: no finite value satisfies it: "
+        "$ref '#/$defs/node' -> required property 'child' leads back to itself, "
+        "so every value would nest without end"
+    )
+    assert compiler.stats().misses == 0  # nothing reached the compile pool
+
+
+def test_endless_tool_parameters_name_the_tool(compiler: GrammarCompiler) -> None:
+    with pytest.raises(UnsatisfiableSchemaError) as info:
+        compiler.compile(ToolCalls((WEATHER, ToolSpec("loop", ISSUE_SCHEMA))), param="tools")
+    assert info.value.param == "tools.1.function.parameters"
+
+
+@pytest.mark.parametrize(
+    ("schema", "accepted"),
+    [
+        ({"type": "object", "properties": {"child": {"$ref": "#"}}}, '{"child": {}}'),
+        ({"type": "object", "properties": {"c": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+          "required": ["c"]}, '{"c": {"c": null}}'),
+        ({"type": "array", "items": {"$ref": "#"}}, "[[], [[]]]"),
+    ],
+)  # fmt: skip
+def test_satisfiable_recursive_schemas_compile_and_work(
+    compiler: GrammarCompiler, schema: dict[str, object], accepted: str
+) -> None:
+    compiled = compiler.compile(JsonSchema(schema))
+    assert compiled is not None
+    state = compiler.new_state(compiled)
+    ids = [VOCAB.index(c) for c in accepted]
+    assert state.validate_tokens(ids) == len(ids)
+
+
+@pytest.mark.parametrize(
+    ("constraint", "words"),
+    [
+        (JsonSchema({"type": "array", "items": {"const": "ab"}, "minItems": 100_000}),
+         ["the JSON schema is too large to enforce: 'minItems' is 100000 at #"]),
+        (JsonSchema({"type": "string", "minLength": 20_000}), ["'minLength' is 20000"]),
+        (JsonSchema({"type": "string", "pattern": "^(a{1000}){1000}$"}),
+         ["expands to 1000000 repeated characters"]),
+        (Regex("(a{1000}){1000}"), ["the regex expands to 1000000 repeated characters"]),
+    ],
+)  # fmt: skip
+def test_oversized_schemas_are_refused_naming_the_keyword(
+    compiler: GrammarCompiler, constraint: JsonSchema | Regex, words: list[str]
+) -> None:
+    with pytest.raises(SchemaTooComplexError) as info:
+        compiler.compile(constraint)
+    assert info.value.param == "response_format"
+    assert info.value.code == "schema_too_complex"
+    for word in words:
+        assert word in info.value.message
+
+
+def test_deep_schema_is_refused_with_the_depth_limit() -> None:
+    info = xgr.TokenizerInfo(VOCAB, vocab_type=xgr.VocabType.RAW, stop_token_ids=[0])
+    compiler = GrammarCompiler(info, limits=GrammarLimits(max_schema_depth=8))
+    schema: dict[str, object] = {"type": "integer"}
+    for _ in range(10_000):
+        schema = {"type": "array", "items": schema}
+    with pytest.raises(SchemaTooComplexError, match="deeper than 8 levels") as error:
+        compiler.compile(JsonSchema(schema))
+    assert error.value.param == "response_format"
+
+
+def test_forced_text_is_capped(compiler: GrammarCompiler) -> None:
+    schema = {"type": "array", "items": {"const": "ab"}, "minItems": 1000}
+    compiled = compiler.compile(JsonSchema(schema))
+    assert compiled is not None
+    assert compiled.jump_forward
+    state = compiler.new_state(compiled)
+    assert state.jump_forward(max_chars=12) == '["ab", "ab",'
+    assert len(state.jump_forward()) == 1 + 1000 * 4 + 999 * 2
+
+
+def test_recursive_schema_with_long_forced_parts_decodes_without_jump_forward(
+    compiler: GrammarCompiler,
+) -> None:
+    tail = {"type": "object", "required": ["t"],
+            "properties": {"c": {"$ref": "#"}, "t": {"const": "x" * 300}}}  # fmt: skip
+    compiled = compiler.compile(JsonSchema(tail))
+    assert compiled is not None
+    assert not compiled.jump_forward  # its forced text could repeat once per nesting level
+    assert compiler.new_state(compiled).jump_forward() == ""
+    short = {"type": "object", "properties": {"c": {"$ref": "#"}, "t": {"const": "x"}},
+             "required": ["t"]}  # fmt: skip
+    compiled = compiler.compile(JsonSchema(short))
+    assert compiled is not None
+    assert compiled.jump_forward
+
+
+def test_cache_counts_grammar_bytes(compiler: GrammarCompiler) -> None:
+    compiled = compiler.compile(JsonSchema({"type": "integer"}))
+    assert compiled is not None
+    stats = compiler.stats()
+    assert stats.bytes == compiled.grammar.memory_size_bytes + len('{"type": "integer"}')
+    assert stats.bytes > 0
+
+
+def test_compile_timeout_names_the_deadline_and_setting() -> None:
+    info = xgr.TokenizerInfo(VOCAB, vocab_type=xgr.VocabType.RAW, stop_token_ids=[0])
+    compiler = GrammarCompiler(info, limits=GrammarLimits(compile_timeout_s=2.5))
+    error = compiler._timeout_error("tools")
+    assert (error.param, error.code) == ("tools", "schema_too_complex")
+    assert error.message.startswith(
+        "the grammar for tools did not compile within 2.5 s (limits.grammar_compile_timeout_s)"
+    )
+
+
+def test_huge_enum_compiles_in_time_or_gets_a_400_and_does_not_block_others() -> None:
+    """50,000 enum values: the real compiler, on its own pool, next to a small compile."""
+    info = xgr.TokenizerInfo(VOCAB, vocab_type=xgr.VocabType.RAW, stop_token_ids=[0])
+    compiler = GrammarCompiler(info)
+    enum = JsonSchema({"type": "string", "enum": [f"value-{i}" for i in range(50_000)]})
+    outcome: list[object] = []
+
+    def big() -> None:
+        try:
+            outcome.append(compiler.compile(enum))
+        except SchemaTooComplexError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    small_schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    small = compiler.compile(JsonSchema(small_schema))
+    assert small is not None
+    assert compiler.new_state(small).validate_tokens([VOCAB.index(c) for c in '{"a": 1}']) == 8
+    thread.join(60)
+    compiler.close()
+    (result,) = outcome
+    if isinstance(result, SchemaTooComplexError):
+        assert result.param == "response_format"
+        assert "did not compile within 10 s" in result.message
+    else:
+        assert isinstance(result, CompiledConstraint)
+        state = compiler.new_state(result)
+        ids = [VOCAB.index(c) for c in '"value-49999"']
+        assert state.validate_tokens(ids) == len(ids)
+
+
+async def test_compile_async_shares_the_cache(compiler: GrammarCompiler) -> None:
+    schema = JsonSchema({"type": "object", "properties": {"a": {"type": "integer"}}})
+    first = await compiler.compile_async(schema)
+    assert first is not None
+    assert compiler.compile(schema) is first
+    assert await compiler.compile_async(NoConstraint()) is None
+    with pytest.raises(UnsatisfiableSchemaError):
+        await compiler.compile_async(JsonSchema(ISSUE_SCHEMA))
+    assert (compiler.hits, compiler.misses) == (1, 1)
