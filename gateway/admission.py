@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -15,8 +15,13 @@ from decoding.types import GenerationRequest, SamplingParams, Speculation
 from gateway.config import Limits
 from router.stats import parse_window
 from schemas.chat import ChatCompletionRequest, ErrorResponse
-from schemas.errors import InvalidRequestError, PayloadTooLargeError, RequestTooLargeError
-from schemas.json_limits import json_depth, lone_surrogate_path
+from schemas.errors import (
+    InvalidRequestError,
+    PayloadTooLargeError,
+    RequestTooLargeError,
+    SchemaTooComplexError,
+)
+from schemas.json_limits import compact_json, json_depth, lone_surrogate_path
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -96,6 +101,27 @@ def task_id_of(request: Request, wire: ChatCompletionRequest) -> str | None:
     if not isinstance(value, str):
         raise InvalidRequestError("metadata.task_id must be a string", param="metadata.task_id")
     return check_task_id(value, "metadata.task_id")
+
+
+def check_schema_sizes(wire: ChatCompletionRequest, limits: Limits) -> None:
+    """A 400 for a response schema or tool parameters bigger than ``limits.max_schema_bytes``:
+    checking a schema costs time linear in its size (seconds per MB for the meta-schema check),
+    so it is bounded before any of it runs."""
+    schemas: list[tuple[str, Any]] = []
+    fmt = wire.response_format
+    if fmt is not None and fmt.json_schema is not None and fmt.json_schema.schema_ is not None:
+        schemas.append(("response_format.json_schema.schema", fmt.json_schema.schema_))
+    for i, tool in enumerate(wire.tools or []):
+        if tool.function.parameters is not None:
+            schemas.append((f"tools.{i}.function.parameters", tool.function.parameters))
+    for param, schema in schemas:
+        size = len(compact_json(schema).encode())
+        if size > limits.max_schema_bytes:
+            raise SchemaTooComplexError(
+                f"the schema is {size} bytes; at most {limits.max_schema_bytes} are accepted "
+                "(limits.max_schema_bytes)",
+                param=param,
+            )
 
 
 def bounded_params(

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.admission import (
     TaskOutcome,
     bounded_params,
+    check_schema_sizes,
     check_task_id,
     parse_request,
     read_body,
@@ -147,6 +148,7 @@ def create_app(
         limits = gw.config.limits
         body = await read_body(request, limits.max_body_bytes)
         wire = parse_request(body, limits)
+        check_schema_sizes(wire, limits)
         ignored = [f for f in wire.ignored_fields() if f != "speculation"]
         if ignored:
             log.info("ignored request fields: %s", ", ".join(ignored))

@@ -49,15 +49,16 @@ class Limits:
     max_prompt_tokens: int | None = 8192  # per embedded tier; None: the model's context
     grammar_compile_timeout_s: float = 10.0
     grammar_cache_bytes: int = 512 * 1024 * 1024
+    max_schema_bytes: int = 256 * 1024  # one response schema or one tool's parameters
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024 or self.max_queue < 1 or self.request_timeout_s <= 0:
             raise ValueError("limits: max_body_bytes >= 1024, max_queue >= 1, timeout > 0")
         if min(self.max_json_depth, self.max_choices, self.max_generated_tokens,
-               self.max_concurrent_per_key) < 1:  # fmt: skip
+               self.max_concurrent_per_key, self.max_schema_bytes) < 1:  # fmt: skip
             raise ValueError(
-                "limits: max_json_depth, max_choices, max_generated_tokens and "
-                "max_concurrent_per_key must be >= 1"
+                "limits: max_json_depth, max_choices, max_generated_tokens, "
+                "max_concurrent_per_key and max_schema_bytes must be >= 1"
             )
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError("limits: max_prompt_tokens must be >= 1 (or null for the context)")

@@ -174,6 +174,21 @@ async def test_choices_and_total_tokens_are_bounded() -> None:
     assert fine.status_code == 200
 
 
+async def test_oversized_schemas_are_refused_before_any_check() -> None:
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(200)}}
+    limits = Limits(max_schema_bytes=2000)
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": big}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": big}}
+    async with client_for(ScriptedBackend(["a"]), limits) as client:
+        schema = await client.post("/v1/chat/completions", json={**WHOLE, "response_format": fmt})
+        tools = await client.post("/v1/chat/completions", json={**WHOLE, "tools": [tool]})
+    assert schema.status_code == tools.status_code == 400
+    assert error_of(schema)["param"] == "response_format.json_schema.schema"
+    assert error_of(schema)["code"] == "schema_too_complex"
+    assert "limits.max_schema_bytes" in error_of(schema)["message"]
+    assert error_of(tools)["param"] == "tools.0.function.parameters"
+
+
 async def test_one_key_cannot_take_every_slot() -> None:
     backend = ScriptedBackend(["a"] * 10, delay=0.05)
     async with client_for(backend, Limits(max_concurrent_per_key=2), keys=(KEY,)) as client:
