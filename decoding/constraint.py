@@ -39,6 +39,12 @@ class ToolSpec:
     name: str
     parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object"})
     strict: bool = False
+    position: int | None = None  # index in the request's ``tools`` (a named choice keeps one)
+
+    def param(self, index: int) -> str:
+        """The request field of this tool's parameters, for error messages."""
+        at = index if self.position is None else self.position
+        return f"tools.{at}.function.parameters"
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -331,7 +331,8 @@ class EmbeddedEngine:
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
-            generator = torch.Generator().manual_seed(seed + index)
+            # torch seeds are 64-bit: any integer a caller sends maps into that range.
+            generator = torch.Generator().manual_seed((seed + index) % 2**63)
         grammar = self.grammars.new_state(prepared.grammar) if prepared.grammar else None
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(params.stop)

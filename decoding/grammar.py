@@ -236,7 +236,7 @@ class GrammarCompiler:
             check_depth(constraint.schema, param, depth)
         elif isinstance(constraint, ToolCalls):
             for i, tool in enumerate(constraint.tools):
-                check_depth(tool.parameters, f"tools.{i}.function.parameters", depth)
+                check_depth(tool.parameters, tool.param(i), depth)
             if isinstance(constraint.final, JsonSchema):
                 check_depth(constraint.final.schema, "response_format", depth)
         return self._prefix + _cache_key(constraint)
@@ -249,7 +249,7 @@ class GrammarCompiler:
             jump = self._check_schema(constraint.schema, param)
             return lambda: self._compile_schema(constraint, param, jump)
         if isinstance(constraint, ToolCalls):
-            checks = [self._check_schema(t.parameters, f"tools.{i}.function.parameters")
+            checks = [self._check_schema(t.parameters, t.param(i))
                       for i, t in enumerate(constraint.tools)]  # fmt: skip
             if isinstance(constraint.final, JsonSchema):
                 checks.append(self._check_schema(constraint.final.schema, "response_format"))

@@ -213,7 +213,7 @@ def check_request(req: GenerationRequest, *, vllm_extras: bool, context_length: 
         check_usable(c.schema, "response_format")
     elif isinstance(c, ToolCalls):
         for i, tool in enumerate(c.tools):
-            check_usable(tool.parameters, f"tools.{i}.function.parameters")
+            check_usable(tool.parameters, tool.param(i))
         if isinstance(c.final, JsonSchema):
             check_usable(c.final.schema, "response_format")
     elif isinstance(c, Regex) and not vllm_extras:

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any, cast
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from decoding.types import GenerationRequest, SamplingParams, Speculation
 from gateway.config import Limits
@@ -45,7 +45,9 @@ def parse_request(body: bytes, limits: Limits) -> ChatCompletionRequest:
             f"JSON nesting deeper than {limits.max_json_depth} levels (limits.max_json_depth)"
         )
     try:
-        data = json.loads(body)
+        # Strict UTF-8 (RFC 8259): json.loads on bytes would also take UTF-16/32 and let
+        # CESU-8 surrogate bytes through as lone surrogates.
+        data = json.loads(body.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidRequestError(f"could not parse the JSON body: {exc}") from None
     except ValueError as exc:  # e.g. an integer literal longer than Python's digit limit
@@ -71,7 +73,7 @@ class TaskOutcome(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     success: bool
-    score: float | None = None
+    score: float | None = Field(default=None, allow_inf_nan=False)
 
 
 TASK_ID_MAX = 256
@@ -80,12 +82,13 @@ TASK_ID_MAX = 256
 _TASK_ID = re.compile(rf"[!-~]{{1,{TASK_ID_MAX}}}")  # printable ASCII, no spaces
 
 
-def check_task_id(value: str, param: str) -> str:
+def check_task_id(value: str, param: str, source: str | None = None) -> str:
     """A task id as given, or a 400: 1-256 printable ASCII characters without whitespace (ids
     are stored, indexed and echoed back, so they are bounded and need no escaping)."""
     if not _TASK_ID.fullmatch(value):
         raise InvalidRequestError(
-            f"{param} must be 1-{TASK_ID_MAX} printable ASCII characters without whitespace",
+            f"{source or param}: a task id must be 1-{TASK_ID_MAX} printable ASCII characters "
+            "without whitespace",
             param=param,
         )
     return value
@@ -94,13 +97,26 @@ def check_task_id(value: str, param: str) -> str:
 def task_id_of(request: Request, wire: ChatCompletionRequest) -> str | None:
     header = request.headers.get("x-task-id")
     if header is not None:
-        return check_task_id(header, "x-task-id")
+        return check_task_id(header, "task_id", source="the X-Task-Id header")
     value = (wire.metadata or {}).get("task_id")
     if value is None:
         return None
     if not isinstance(value, str):
         raise InvalidRequestError("metadata.task_id must be a string", param="metadata.task_id")
     return check_task_id(value, "metadata.task_id")
+
+
+def parse_outcome(body: bytes, limits: Limits) -> TaskOutcome:
+    """The body of ``POST /v1/tasks/{id}/outcome``, nesting checked first as for chat bodies."""
+    if json_depth(body) > limits.max_json_depth:
+        raise RequestTooLargeError(
+            f"JSON nesting deeper than {limits.max_json_depth} levels (limits.max_json_depth)"
+        )
+    try:
+        return TaskOutcome.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        error = ErrorResponse.from_validation_errors(exc.errors()).error
+        raise InvalidRequestError(error.message, param=error.param) from None
 
 
 def check_schema_sizes(wire: ChatCompletionRequest, limits: Limits) -> None:

@@ -20,14 +20,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.admission import (
-    TaskOutcome,
     bounded_params,
     check_schema_sizes,
     check_task_id,
+    parse_outcome,
     parse_request,
     read_body,
     speculation_of,
@@ -199,11 +198,7 @@ def create_app(
         task_id = check_task_id(task_id, "task_id")
         require_json(request.headers.get("content-type"))
         body = await read_body(request, 64 * 1024)
-        try:
-            outcome = TaskOutcome.model_validate_json(body or b"{}")
-        except ValidationError as exc:
-            error = ErrorResponse.from_validation_errors(exc.errors()).error
-            raise InvalidRequestError(error.message, param=error.param) from None
+        outcome = parse_outcome(body, gw.config.limits)
         known = await asyncio.to_thread(
             _ledger(gw).set_outcome, task_id, outcome.success, outcome.score
         )

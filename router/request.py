@@ -54,8 +54,9 @@ def constraint_for(req: ChatCompletionRequest) -> Constraint:
             t.function.name,
             t.function.parameters or {"type": "object", "properties": {}},
             bool(t.function.strict),
+            position=i,
         )
-        for t in req.tools
+        for i, t in enumerate(req.tools)
     ]
     if isinstance(choice, NamedToolChoice):
         named = [t for t in tools if t.name == choice.function.name]
