@@ -8,7 +8,9 @@ the small pure functions below:
 * ``commit_window``: how much of an attempt is held back before the caller sees it.
 * ``escalation_reason`` / ``after_finish``: accept a finished attempt, hand over to the next
   tier, or fall back to a valid earlier answer when the last one is invalid.
-* ``after_error``: on a failure, the next tier, the earlier answer, or the error itself.
+* ``after_error``: on a failure, the next tier, the earlier answer, or the error itself —
+  except that when the tier escalated to fails and the only earlier attempt was cut short by
+  early fallback, that tier runs once more to its end (an answer beats a 503).
 
 Output the caller has seen is final: it is never replaced, and its confidence is recorded, not
 acted on. Every attempt lands in the trace whichever way it ends, a cancellation included.
@@ -118,9 +120,10 @@ async def run_tiers(
     route = plan.route
     reason = plan.skip_reason
     kept: Attempt | None = None  # best finished, escalated attempt so far
-    for tier in range(plan.start, plan.last + 1):
-        att = Attempt(route, backends[tier], trace, tier == plan.last, energy,
-                      plan.prepared.get(tier))  # fmt: skip
+    cut_short: int | None = None  # a tier whose attempt early fallback aborted
+    queue = [(tier, tier == plan.last) for tier in range(plan.start, plan.last + 1)]
+    for tier, final in queue:  # grows by one when a cut-short tier reruns (below)
+        att = Attempt(route, backends[tier], trace, final, energy, plan.prepared.get(tier))
         window = commit_window(route, final=att.final, fallback=kept is not None,
                                streaming=streaming)  # fmt: skip
         if streaming:
@@ -142,10 +145,19 @@ async def run_tiers(
             if att.result is None and failure is None:  # cut off some other way: still booked
                 att.book("cancelled", req)
         if failure is not None:
-            step = after_error(final=att.final, caller=is_caller_error(failure), sent=att.sent,
+            caller = is_caller_error(failure)
+            step = after_error(final=att.final, caller=caller, sent=att.sent,
                                kept=kept is not None)  # fmt: skip
-            att.book("error", req, reason="backend_error" if step == "next" else None,
+            # The tier escalated to is down and no finished answer was kept: the attempt early
+            # fallback cut short runs again, to its end, rather than failing the request.
+            rerun = step == "raise" and not caller and not att.sent and cut_short is not None
+            att.book("error", req, reason="backend_error" if step == "next" or rerun else None,
                      error=failure)  # fmt: skip
+            if rerun:
+                assert cut_short is not None
+                queue.append((cut_short, True))
+                cut_short, reason = None, "backend_error"
+                continue
             if step == "raise":
                 raise failure
             if step == "next":
@@ -164,6 +176,8 @@ async def run_tiers(
                 return
             if step == "next":
                 reason = why
+                if att.aborted and cut_short is None:
+                    cut_short = tier
                 if not att.aborted and (kept is None or better(att, kept)):
                     kept = att
         if step == "fall_back":

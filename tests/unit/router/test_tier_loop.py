@@ -22,7 +22,12 @@ from router.energy import EnergyMeter
 from router.records import AttemptRecord
 from router.router import Route, Router, Trace, request_record
 from router.tier_loop import after_error, after_finish, commit_window
-from schemas.errors import GenerationCancelled, RequestTimeoutError, UpstreamError
+from schemas.errors import (
+    GenerationCancelled,
+    OverloadedError,
+    RequestTimeoutError,
+    UpstreamError,
+)
 
 Mode = Literal["complete", "stream"]
 MODES: tuple[Mode, ...] = ("complete", "stream")
@@ -203,6 +208,18 @@ async def test_early_fallback_switches_unseen_for_both(mode: Mode) -> None:
     assert (answer.backend.name, seen, answer.fallback_reason) == ("llm", "fine", "repetition")
     assert rows(trace) == [("slm", "aborted", "repetition"), ("llm", "accepted", None)]
     assert trace.attempts[0].completion_tokens == 8
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_cut_short_tier_reruns_when_the_next_one_is_down(mode: Mode) -> None:
+    route = Route("auto", ("slm", "llm"), policy="cascade", stream_commit_tokens=16,
+                  early_fallback=EarlyFallback(repeat_cycles=4))  # fmt: skip
+    down = Tier("llm", "never", fail=OverloadedError("circuit open for backend llm"))
+    answer, seen, trace = await decide(mode, route, Tier("slm", "xy" * 10), down)
+    assert (answer.backend.name, seen, answer.fallback_reason) == ("slm", "xy" * 10,
+                                                                   "backend_error")
+    assert rows(trace) == [("slm", "aborted", "repetition"), ("llm", "error", "backend_error"),
+                           ("slm", "accepted", None)]  # fmt: skip
 
 
 # ---- cut-off attempts are booked with what they consumed --------------------------------------
