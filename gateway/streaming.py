@@ -52,16 +52,27 @@ log = logging.getLogger(__name__)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; cancel it if the client goes away first."""
+    """Await ``work``; cancel it if the client goes away first, or if this waiter is itself
+    cancelled (a deadline): the work then stops at its next step and books what it consumed
+    before the caller records the request, instead of generating on unseen."""
     task = asyncio.ensure_future(work)
-    while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if not done and await request.is_disconnected():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise GenerationCancelled("the client disconnected")
-    return await task
+    try:
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done and await request.is_disconnected():
+                await _cancel_and_wait(task)
+                raise GenerationCancelled("the client disconnected")
+        return await task
+    except BaseException:
+        await _cancel_and_wait(task)
+        raise
+
+
+async def _cancel_and_wait(task: asyncio.Future[Any]) -> None:
+    if task.done():
+        return
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)  # its outcome is the caller's error
 
 
 async def start_stream(

@@ -166,3 +166,31 @@ async def test_task_outcome_endpoint_validates_its_body(tmp_path: Path) -> None:
             assert window.json()["error"]["param"] == "window"
     finally:
         ledger.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_timed_out_request_books_its_cut_attempt_first(tmp_path: Path, stream: bool) -> None:
+    """The deadline cancels the generation itself (no zombie decoding on), and the request's
+    ledger row is written after its attempt was booked with the tokens it produced."""
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    ledger.start()
+    backend = ScriptedBackend(["a"] * 200, delay=0.02)
+    try:
+        async with make_client(backend, Limits(request_timeout_s=0.5), ledger) as client:
+            r = await client.post("/v1/chat/completions", json={**BODY, "stream": stream},
+                                  headers={"x-task-id": "slow"})  # fmt: skip
+            if stream:  # the first bytes went out before the deadline: the error is in-stream
+                assert r.status_code == 200
+                assert json.loads(events(r.text)[-2])["error"]["code"] == "request_timeout"
+            else:
+                assert r.status_code == 504
+            assert await asyncio.to_thread(ledger.flush, 30.0)
+            task = await client.get("/v1/tasks/slow")
+        [request] = task.json()["requests"]
+        assert request["status"] == 504
+        [attempt] = request["attempts"]
+        assert attempt["outcome"] == "cancelled"
+        assert 5 <= attempt["completion_tokens"] < 200
+        assert request["completion_tokens"] == attempt["completion_tokens"]
+    finally:
+        ledger.close()
