@@ -169,7 +169,9 @@ async def test_task_outcome_endpoint_validates_its_body(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_a_timed_out_request_books_its_cut_attempt_first(tmp_path: Path, stream: bool) -> None:
+async def test_a_timed_out_request_books_its_cut_attempt_first(
+    tmp_path: Path, stream: bool
+) -> None:
     """The deadline cancels the generation itself (no zombie decoding on), and the request's
     ledger row is written after its attempt was booked with the tokens it produced."""
     ledger = Ledger(f"sqlite:///{tmp_path / 'l.sqlite3'}")
