@@ -256,7 +256,10 @@ class EmbeddedEngine:
             self.drafters.names(self.speculation_for(req))
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="speculation") from None
-        return prompt_ids, max_tokens or room
+        if max_tokens is not None:
+            return prompt_ids, max_tokens
+        budget = req.params.token_budget  # no max_tokens: the request's budget split per choice
+        return prompt_ids, room if budget is None else max(1, min(room, budget // req.params.n))
 
     def generate_sync(
         self,

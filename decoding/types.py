@@ -25,6 +25,9 @@ class SamplingParams:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
+    # Tokens all choices together may generate when ``max_tokens`` is None (the gateway's
+    # ``limits.max_generated_tokens``); never sent upstream, unlike ``max_tokens``.
+    token_budget: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 2.0:

@@ -144,14 +144,14 @@ def bounded_params(
     wire: ChatCompletionRequest, req: GenerationRequest, limits: Limits
 ) -> SamplingParams:
     """The request's sampling parameters within ``n`` and ``n x max_tokens`` bounds. Without
-    ``max_tokens`` the budget is split across the choices instead of refusing the request."""
+    ``max_tokens`` each choice may use the budget's share (and at most the context left)."""
     params = req.params
     if params.n > limits.max_choices:
         raise RequestTooLargeError(
             f"n = {params.n} exceeds {limits.max_choices} (limits.max_choices)", param="n"
         )
-    if params.max_tokens is None:
-        return replace(params, max_tokens=max(1, limits.max_generated_tokens // params.n))
+    if params.max_tokens is None:  # bounded, not refused: the engine splits the budget
+        return replace(params, token_budget=limits.max_generated_tokens)
     total = params.n * params.max_tokens
     if total > limits.max_generated_tokens:
         param = "max_completion_tokens" if wire.max_completion_tokens is not None else (

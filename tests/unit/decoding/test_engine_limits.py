@@ -107,3 +107,17 @@ def test_issue_schema_generates_nothing_and_the_engine_keeps_serving(slm: Embedd
         slm.complete_sync(GenerationRequest(user("x"), GREEDY, JsonSchema(ISSUE_SCHEMA)))
     result = slm.complete_sync(GenerationRequest(user("Say hi."), GREEDY))
     assert result.choices[0].token_ids
+
+
+@pytest.mark.slow
+def test_without_max_tokens_choices_share_the_token_budget(slm: EmbeddedEngine) -> None:
+    """No max_tokens: each choice may use the context left, within its share of the request's
+    budget; a budget larger than the context never turns into a context-length error."""
+    free = SamplingParams(temperature=0)
+    room = slm.prepare(GenerationRequest(user("hi"), free, NoConstraint())).max_new_tokens
+    assert room == slm.context_length - len(slm.prepare(
+        GenerationRequest(user("hi"), free, NoConstraint())).prompt_ids)  # fmt: skip
+    for budget, n, expected in ((32768, 1, room), (32768, 16, 2048), (10, 4, 2), (3, 4, 1)):
+        params = dataclasses.replace(free, token_budget=budget, n=n)
+        prepared = slm.prepare(GenerationRequest(user("hi"), params, NoConstraint()))
+        assert prepared.max_new_tokens == min(room, expected)

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from decoding.types import GenerationRequest, SamplingParams
 from gateway.admission import check_task_id
 from gateway.app import create_app
 from gateway.config import GatewayConfig, Limits, from_mapping
@@ -187,6 +188,27 @@ async def test_oversized_schemas_are_refused_before_any_check() -> None:
     assert error_of(schema)["code"] == "schema_too_complex"
     assert "limits.max_schema_bytes" in error_of(schema)["message"]
     assert error_of(tools)["param"] == "tools.0.function.parameters"
+
+
+class Recording(ScriptedBackend):
+    """Remembers the sampling parameters each request reached the backend with."""
+
+    def __init__(self) -> None:
+        super().__init__(["a"])
+        self.seen: list[SamplingParams] = []
+
+    def generate(self, req: GenerationRequest, prepared: Any = None) -> Any:
+        self.seen.append(req.params)
+        return super().generate(req, prepared)
+
+
+async def test_without_max_tokens_the_budget_travels_but_nothing_is_refused() -> None:
+    backend = Recording()
+    async with client_for(backend, Limits(max_generated_tokens=1000)) as client:
+        r = await client.post("/v1/chat/completions", json={**WHOLE, "n": 3})
+    assert r.status_code == 200
+    [params] = backend.seen
+    assert (params.max_tokens, params.token_budget, params.n) == (None, 1000, 3)
 
 
 async def test_one_key_cannot_take_every_slot() -> None:
