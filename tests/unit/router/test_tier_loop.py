@@ -234,8 +234,8 @@ def assert_cancelled(rec: AttemptRecord, prompt: int, completion: int, error: st
     assert (rec.energy_j, rec.energy_measured) == (10.0, False)
 
 
-async def cancel_complete_when_stalled(slm: Tier) -> AttemptRecord:
-    """Run ``complete`` on ``slm`` alone, cancel it once the tier stalls; its one booking."""
+async def cancel_complete_when_stalled(slm: Tier) -> tuple[AttemptRecord, Trace, GenerationRequest]:
+    """Run ``complete`` on ``slm`` alone, cancel it once the tier stalls: its one booking."""
     router = Router({"slm": slm}, {}, meter())
     req, trace = request(), Trace("r1", "slm")
     task = asyncio.create_task(router.complete(router.plan(SINGLE, req, trace), req, trace))
@@ -244,11 +244,13 @@ async def cancel_complete_when_stalled(slm: Tier) -> AttemptRecord:
     with pytest.raises(asyncio.CancelledError):
         await task
     [rec] = trace.attempts
-    return rec
+    return rec, trace, req
 
 
 async def test_cancelling_complete_mid_attempt_books_it() -> None:
-    rec = await cancel_complete_when_stalled(Tier("slm", "x" * 30, prompt=40, stall_after=15))
+    rec, _, _ = await cancel_complete_when_stalled(
+        Tier("slm", "x" * 30, prompt=40, stall_after=15)
+    )
     assert_cancelled(rec, 40, 15, "CancelledError")
     assert rec.ttft_s is not None
 
@@ -293,7 +295,7 @@ async def test_closing_a_stream_books_the_attempt_once_and_the_request_under_its
 
 async def test_cancel_before_the_first_event_books_the_prompt_from_the_prepared_request() -> None:
     slow_prefill = Tier("slm", "never sent", prompt=16_700, stall_after=0)
-    rec = await cancel_complete_when_stalled(slow_prefill)
+    rec, trace, req = await cancel_complete_when_stalled(slow_prefill)
     assert_cancelled(rec, 16_700, 0, "CancelledError")
     assert rec.ttft_s is None
     record = request_record(trace, req, error=RequestTimeoutError("the request timed out"))
