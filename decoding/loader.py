@@ -56,7 +56,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantise ``gguf`` and save it as a plain HF model directory at ``target`` (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s (one-time, ~30 s) into %s", gguf.name, target)
+    log.info("converting %s (one-time, ~30-90 s) into %s", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model: Any = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32

@@ -16,23 +16,27 @@ from decoding.grammar_compile import GrammarLimits
 from decoding.loader import LoadedModel, default_cache_dir, load_gguf_source, load_model_dir
 from decoding.openai_compat import OpenAICompatBackend, RemoteConfig
 from decoding.resilience import RetryPolicy
-from decoding.weights import QWEN25_CODER_05B, SMOLLM2_135M, GGUFSource
+from decoding.weights import QWEN25_CODER_05B, QWEN25_CODER_15B, SMOLLM2_135M, GGUFSource
 
 log = logging.getLogger(__name__)
 
 BUILTIN_SOURCES: dict[str, GGUFSource] = {
     "builtin:smollm2-135m-instruct": SMOLLM2_135M,
     "builtin:qwen2.5-coder-0.5b-instruct": QWEN25_CODER_05B,
+    # Available but not a default tier yet (issue 12 makes it the default ``llm``).
+    "builtin:qwen2.5-coder-1.5b-instruct": QWEN25_CODER_15B,
 }
 
 
 # Default prices ($ per 1M tokens in, out) for the built-in models: what a self-hosted small
 # model of this size costs on shared CPU/GPU capacity, set so the LLM tier is ~4x the SLM tier.
 # A spec that names a built-in source without prices gets these; any other embedded model or
-# OpenAI-compatible server costs 0 until its config sets prices.
+# OpenAI-compatible server costs 0 until its config sets prices. All are placeholders (the 1.5B's
+# is the 0.5B's scaled ~3x by parameter count) until compute-based prices replace them.
 BUILTIN_PRICES: dict[str, tuple[float, float]] = {
     "builtin:smollm2-135m-instruct": (0.02, 0.04),
     "builtin:qwen2.5-coder-0.5b-instruct": (0.08, 0.16),
+    "builtin:qwen2.5-coder-1.5b-instruct": (0.24, 0.48),
 }
 
 ModelKind = Literal["embedded", "openai", "litellm"]

