@@ -28,6 +28,12 @@ class BackendInfo:
     dtype: str = "float32"
     price_in_per_mtok: float = 0.0
     price_out_per_mtok: float = 0.0
+    # Compute pricing (embedded models without per-token prices): $ per hour of the compute
+    # this backend holds while it decodes (its cores x price per core-hour on CPU, its GPU's
+    # price per hour on CUDA). None: priced per token. ``compute_cores``: the torch threads
+    # it decodes with (0 for remote backends, which report no compute).
+    compute_price_per_hour: float | None = None
+    compute_cores: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +49,9 @@ class FinishEvent:
     # Tokens the choice produced without a token event each (a remote server's tool-call deltas
     # or merged chunks, known from its usage count): counted, never lost from the books.
     uncounted_tokens: int = 0
+    # Wall seconds the backend's worker spent on this choice (prefill + decode); the embedded
+    # engine has one worker, so this is exclusive time. 0.0: not measured (remote backends).
+    compute_s: float = 0.0
 
 
 class Backend(Protocol):
@@ -61,6 +70,7 @@ def collect(events: Sequence[TokenEvent | FinishEvent], model: str) -> Generatio
     by_index: dict[int, Choice] = {}
     prompt_tokens = 0
     cached_tokens: int | None = None  # the first choice's, as the prompt is counted once
+    compute_s = 0.0  # every choice's: each was decoded on its own
     for event in events:
         choice = by_index.setdefault(event.index, Choice(event.index, "", [], [], "stop"))
         choice.text += event.text
@@ -69,9 +79,10 @@ def collect(events: Sequence[TokenEvent | FinishEvent], model: str) -> Generatio
             choice.spec = event.spec
             prompt_tokens = prompt_tokens or event.prompt_tokens
             cached_tokens = event.cached_tokens if cached_tokens is None else cached_tokens
+            compute_s += event.compute_s
             choice.token_ids.extend([-1] * event.uncounted_tokens)  # unknown ids, as counted
         else:
             choice.token_ids.append(event.token_id)
             choice.events.append(event)
     choices = [by_index[i] for i in sorted(by_index)]
-    return GenerationResult(choices, prompt_tokens, model, cached_tokens or 0)
+    return GenerationResult(choices, prompt_tokens, model, cached_tokens or 0, compute_s)

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -106,6 +106,7 @@ class EngineConfig:
     grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)
     price_in_per_mtok: float = 0.0
     price_out_per_mtok: float = 0.0
+    compute_price_per_hour: float | None = None  # None: priced per token (BackendInfo)
     speculation: str = "auto"
     spec_max_draft: int = 16
     spec_tree: bool = True
@@ -179,6 +180,8 @@ class EmbeddedEngine:
             dtype=str(self.model.dtype).removeprefix("torch."),
             price_in_per_mtok=config.price_in_per_mtok,
             price_out_per_mtok=config.price_out_per_mtok,
+            compute_price_per_hour=config.compute_price_per_hour,
+            compute_cores=torch.get_num_threads(),
         )
         self.drafters = DrafterPool(config.suffix, config.stand)
         self.prefix_cache = (
@@ -271,7 +274,7 @@ class EmbeddedEngine:
         cancel = cancel or threading.Event()
         prepared = prepared or self.prepare(req)
         for index in range(req.params.n):
-            yield from self._decode_choice(prepared, index, cancel)
+            yield from timed_choice(self._decode_choice(prepared, index, cancel))
 
     async def generate(
         self, req: GenerationRequest, prepared: PreparedRequest | None = None
@@ -537,6 +540,29 @@ class EmbeddedEngine:
 
     def _collect(self, req: GenerationRequest, events: list[Any]) -> GenerationResult:
         return collect(events, self.config.name)
+
+
+def timed_choice(
+    events: Iterator[TokenEvent | FinishEvent],
+) -> Iterator[TokenEvent | FinishEvent]:
+    """One choice's events, its ``FinishEvent`` carrying the seconds spent producing them
+    (prefill + decode): time suspended at a yield, waiting on the consumer, is not counted."""
+    spent = 0.0
+    try:
+        while True:
+            started = time.perf_counter()
+            try:
+                event = next(events)
+            except StopIteration:
+                return
+            spent += time.perf_counter() - started
+            if isinstance(event, FinishEvent):
+                event = replace(event, compute_s=spent)
+            yield event
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()  # a cancelled consumer still runs the choice's cleanup
 
 
 def _grammar_param(req: GenerationRequest) -> str:

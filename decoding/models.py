@@ -28,16 +28,12 @@ BUILTIN_SOURCES: dict[str, GGUFSource] = {
 }
 
 
-# Default prices ($ per 1M tokens in, out) for the built-in models: what a self-hosted small
-# model of this size costs on shared CPU/GPU capacity, set so the LLM tier is ~4x the SLM tier.
-# A spec that names a built-in source without prices gets these; any other embedded model or
-# OpenAI-compatible server costs 0 until its config sets prices. All are placeholders (the 1.5B's
-# is the 0.5B's scaled ~3x by parameter count) until compute-based prices replace them.
-BUILTIN_PRICES: dict[str, tuple[float, float]] = {
-    "builtin:smollm2-135m-instruct": (0.02, 0.04),
-    "builtin:qwen2.5-coder-0.5b-instruct": (0.08, 0.16),
-    "builtin:qwen2.5-coder-1.5b-instruct": (0.24, 0.48),
-}
+# Default compute prices for embedded models without per-token prices: what the compute they
+# hold while decoding would rent for. A core-hour is one vCPU of a general-purpose on-demand cloud
+# VM (AWS m7i.large: $0.1008/h for 2 vCPUs in us-east-1); a GPU-hour is a typical on-demand price
+# for one data-centre GPU. Defaults only: set ``price_per_core_hour``/``price_per_gpu_hour``.
+DEFAULT_PRICE_PER_CORE_HOUR = 0.0504
+DEFAULT_PRICE_PER_GPU_HOUR = 3.00
 
 ModelKind = Literal["embedded", "openai", "litellm"]
 _REMOTE_ONLY = ("base_url", "remote_model", "api_key_env")
@@ -69,9 +65,12 @@ class ModelSpec:
     ``max_prompt_tokens`` caps this model's prompts (None: its context length, or the
     gateway's ``limits.max_prompt_tokens``; the smaller one applies).
 
-    Prices are $ per 1M tokens. ``None`` means the default: ``BUILTIN_PRICES`` for the
-    built-in models, LiteLLM's cost map for ``litellm``, else 0 (a local model directory or an
-    OpenAI-compatible server has no list price: set one in the config for cost reports).
+    Prices are $ per 1M tokens. ``None`` means the default: LiteLLM's cost map for
+    ``litellm``, 0 for an OpenAI-compatible server (no list price: set one for cost reports),
+    and compute pricing for embedded models: an embedded model with neither per-token price set
+    costs the seconds its worker spent on an attempt x ``price_per_core_hour`` x its torch
+    threads on CPU, or x ``price_per_gpu_hour`` on CUDA (None: ``DEFAULT_PRICE_PER_*``).
+    A configured per-token price wins (the other one is then 0 unless set).
     """
 
     name: str
@@ -81,6 +80,8 @@ class ModelSpec:
     device: str = "auto"
     price_in_per_mtok: float | None = None
     price_out_per_mtok: float | None = None
+    price_per_core_hour: float | None = None  # embedded on CPU, compute-priced
+    price_per_gpu_hour: float | None = None  # embedded on CUDA, compute-priced
     kind: ModelKind = "embedded"
     base_url: str | None = None
     remote_model: str | None = None
@@ -98,7 +99,11 @@ class ModelSpec:
     max_prompt_tokens: int | None = None  # embedded: longer prompts skip to the next tier
 
     def __post_init__(self) -> None:
-        for price in (self.price_in_per_mtok, self.price_out_per_mtok):
+        prices = (
+            self.price_in_per_mtok, self.price_out_per_mtok, self.price_per_core_hour,
+            self.price_per_gpu_hour,
+        )  # fmt: skip
+        for price in prices:
             if price is not None and price < 0:
                 raise ValueError(f"model {self.name!r}: prices must be >= 0")
         if self.kind == "embedded":
@@ -111,6 +116,11 @@ class ModelSpec:
     def _check_remote(self) -> None:
         if self.source:
             raise ValueError(f"model {self.name!r}: 'source' is for embedded models only")
+        if self.price_per_core_hour is not None or self.price_per_gpu_hour is not None:
+            raise ValueError(  # a remote server reports no compute: price it per token
+                f"model {self.name!r}: price_per_core_hour/price_per_gpu_hour are for embedded "
+                "models; set price_in_per_mtok/price_out_per_mtok"
+            )
         if not self.remote_model:
             raise ValueError(f"model {self.name!r}: kind {self.kind} needs remote_model")
         if self.kind == "openai" and not self.base_url:
@@ -144,13 +154,25 @@ class ModelSpec:
             )
 
     def resolved_prices(self) -> tuple[float, float]:
-        """($ in, $ out) per 1M tokens for embedded models: the config's, else the built-in
-        default, else 0 (remote prices are resolved by the backends)."""
-        default = BUILTIN_PRICES.get(self.source, (0.0, 0.0))
-        return (
-            default[0] if self.price_in_per_mtok is None else self.price_in_per_mtok,
-            default[1] if self.price_out_per_mtok is None else self.price_out_per_mtok,
-        )
+        """($ in, $ out) per 1M tokens for embedded models: the config's, else 0 (an embedded
+        model without them is compute-priced; remote prices are resolved by the backends)."""
+        return (self.price_in_per_mtok or 0.0, self.price_out_per_mtok or 0.0)
+
+    @property
+    def token_priced(self) -> bool:
+        """Whether the config sets a per-token price (which then wins over compute pricing)."""
+        return self.price_in_per_mtok is not None or self.price_out_per_mtok is not None
+
+    def compute_price_per_hour(self, device: str, cores: int) -> float | None:
+        """$ per hour of the compute an embedded model holds while it decodes: ``cores`` x
+        the core-hour price on CPU, one GPU-hour on CUDA; None when priced per token."""
+        if self.kind != "embedded" or self.token_priced:
+            return None
+        if device.startswith("cuda"):
+            gpu = self.price_per_gpu_hour
+            return DEFAULT_PRICE_PER_GPU_HOUR if gpu is None else gpu
+        core = self.price_per_core_hour
+        return cores * (DEFAULT_PRICE_PER_CORE_HOUR if core is None else core)
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -197,6 +219,7 @@ def load_engine(
         spec.resolved_dtype(),
     )  # fmt: skip
     price_in, price_out = spec.resolved_prices()
+    compute_price = spec.compute_price_per_hour(spec.resolved_device(), torch.get_num_threads())
     caps = [c for c in (spec.max_prompt_tokens, max_prompt_tokens) if c is not None]
     config = EngineConfig(
         name=spec.name,
@@ -207,6 +230,7 @@ def load_engine(
         grammar_limits=grammar_limits or GrammarLimits(),
         price_in_per_mtok=price_in,
         price_out_per_mtok=price_out,
+        compute_price_per_hour=compute_price,
         speculation=spec.speculation,
         spec_max_draft=spec.spec_max_draft,
         prefix_cache_tokens=spec.prefix_cache_tokens,

@@ -132,6 +132,7 @@ class GenerationResult:
     prompt_tokens: int
     model: str
     cached_tokens: int = 0  # of ``prompt_tokens``, reused from an earlier request's KV
+    compute_s: float = 0.0  # worker seconds over all choices (0.0: not measured, e.g. remote)
 
     @property
     def completion_tokens(self) -> int:

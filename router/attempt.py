@@ -17,7 +17,7 @@ from decoding.types import GenerationRequest, GenerationResult, TokenEvent
 from decoding.validate import OutputCheck, check_output
 from router.answer import Trace, executable_of, schema_valid_of
 from router.confidence import CollapseWatch, combined_signals, signals_of
-from router.cost import attempt_cost
+from router.cost import attempt_cost, compute_priced
 from router.energy import EnergyMeter, EnergyToken
 from router.records import AttemptOutcome, AttemptRecord
 from router.route import Route
@@ -57,6 +57,18 @@ def prompt_tokens_of(prepared: Any) -> int:
     reports it, but its prefill was still paid for."""
     ids = getattr(prepared, "prompt_ids", None)
     return len(ids) if ids is not None else 0
+
+
+def compute_of(events: list[Event], choices: int, latency_s: float, priced: bool) -> float | None:
+    """Worker seconds an attempt used: the sum its finished choices reported. An attempt of a
+    compute-``priced`` tier cut off before every choice finished (aborted, cancelled, failed) is
+    booked at its wall time instead, an upper bound (it may include queueing), so it is never
+    free. None when nothing was measured (remote backends)."""
+    finishes = [e for e in events if isinstance(e, FinishEvent)]
+    measured = sum(e.compute_s for e in finishes)
+    if priced and len(finishes) < choices:
+        return latency_s
+    return measured if measured > 0 else None
 
 
 def signals_of_result(result: GenerationResult) -> dict[str, float]:
@@ -175,6 +187,8 @@ class Attempt:
         result = self.result if self.result is not None else self.consumed()
         signals = self.signals if self.result is not None else signals_of_result(result)
         trace, info = self.trace, self.info
+        latency = time.perf_counter() - self.started
+        compute_s = compute_of(self.events, req.params.n, latency, compute_priced(info))
         rec = AttemptRecord(
             request_id=trace.request_id,
             attempt_no=len(trace.attempts),
@@ -183,11 +197,14 @@ class Attempt:
             backend=info.name,
             model=info.model,
             started_at=trace.created_at + (self.started - trace.started),
-            latency_s=time.perf_counter() - self.started,
+            latency_s=latency,
             ttft_s=None if self.first is None else self.first - self.started,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
-            cost_usd=attempt_cost(info, result.prompt_tokens, result.completion_tokens),
+            cost_usd=attempt_cost(
+                info, result.prompt_tokens, result.completion_tokens, compute_s or 0.0
+            ),
+            compute_s=compute_s,
             confidence=signals.get(self.route.signal),
             signals={k: v for k, v in signals.items() if math.isfinite(v)},
             outcome=outcome,

@@ -35,6 +35,9 @@ class AttemptRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    # Worker seconds the attempt used (embedded engines; what compute-priced tiers are priced
+    # by); None: not measured (remote backends).
+    compute_s: float | None = None
     confidence: float | None = None  # the route's combined score in [0, 1]
     signals: dict[str, float] = field(default_factory=dict)  # mean_entropy, min_top1_prob, …
     schema_valid: bool | None = None  # None: nothing to validate (free text)
@@ -67,7 +70,9 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0  # all attempts, escalated ones included
-    counterfactual_cost_usd: float = 0.0  # same tokens priced at the route's top tier
+    # same tokens priced at the route's top tier; the request's own cost when that is unknown
+    # (a compute-priced top tier that did not answer: see ``router.tier_loop.answer_of``)
+    counterfactual_cost_usd: float = 0.0
     schema_valid: bool | None = None
     executable: bool | None = None
     fallback: bool = False

@@ -195,11 +195,15 @@ async def run_tiers(
 
 def answer_of(att: Attempt, trace: Trace, top: Any, reason: str | None) -> Answer:
     """The accepted attempt as an answer; cost counts every attempt, counterfactual prices its
-    tokens at the route's top tier."""
+    tokens at the route's top tier. A compute-priced top tier that did not answer has no known
+    price for them: the counterfactual is then the request's own cost, so no saving (or loss)
+    is claimed for a request whose baseline is unknown."""
     assert att.result is not None
     result = att.result
     cost = sum(a.cost_usd for a in trace.attempts)
-    counterfactual = counterfactual_cost(top.info, result.prompt_tokens, result.completion_tokens)
+    own = att.record.cost_usd if att.backend is top and att.record is not None else None
+    known = counterfactual_cost(top.info, result.prompt_tokens, result.completion_tokens, own)
+    counterfactual = cost if known is None else known
     return Answer(
         result, att.checks, att.info, att.route.name, cost, counterfactual,
         att.confidence, att.signals, reason, trace.attempts,

@@ -67,6 +67,7 @@ attempts_table = sa.Table(
     sa.Column("prompt_tokens", sa.Integer, nullable=False),
     sa.Column("completion_tokens", sa.Integer, nullable=False),
     sa.Column("cost_usd", sa.Double, nullable=False),
+    sa.Column("compute_s", sa.Double),  # worker seconds; NULL: not measured (remote backends)
     sa.Column("confidence", sa.Double),
     sa.Column("signals", sa.JSON, nullable=False),
     sa.Column("schema_valid", sa.Boolean),
@@ -140,11 +141,15 @@ def upsert(dialect: str, table: sa.Table) -> Any:
 
 
 def create_schema(conn: Connection) -> None:
-    """Create missing tables, then bring an older ``tasks`` table up to date."""
+    """Create missing tables, then bring older ``tasks`` and ``attempts`` tables up to date."""
     metadata.create_all(conn)
     columns = {c["name"] for c in sa.inspect(conn).get_columns("tasks")}
     if "checked_requests" not in columns:
         _add_checked_requests(conn)
+    if "compute_s" not in {c["name"] for c in sa.inspect(conn).get_columns("attempts")}:
+        # Ledgers written before attempts recorded compute: their rows stay NULL (unmeasured).
+        # A concurrent upgrade's loser fails here and its caller retries, as above.
+        conn.execute(sa.text("ALTER TABLE attempts ADD COLUMN compute_s DOUBLE PRECISION"))
 
 
 def _add_checked_requests(conn: Connection) -> None:

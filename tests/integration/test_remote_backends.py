@@ -673,9 +673,10 @@ def test_model_spec_validation() -> None:
         ModelSpec("x", "builtin:smollm2-135m-instruct", base_url="http://h")
     with pytest.raises(ValueError, match="max_retries"):
         ModelSpec("x", kind="litellm", remote_model="m", max_retries=-1)
-    assert ModelSpec("x", "builtin:smollm2-135m-instruct").resolved_prices() == (0.02, 0.04)
+    # no invented per-token defaults: an unpriced built-in is compute-priced
+    assert ModelSpec("x", "builtin:smollm2-135m-instruct").resolved_prices() == (0.0, 0.0)
     assert ModelSpec("x", "builtin:qwen2.5-coder-0.5b-instruct",
-                     price_out_per_mtok=1.0).resolved_prices() == (0.08, 1.0)  # fmt: skip
+                     price_out_per_mtok=1.0).resolved_prices() == (0.0, 1.0)  # fmt: skip
 
 
 def test_build_backend_for_remote_specs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -93,7 +93,8 @@ def dataset() -> list[RequestRecord]:
     """The literal dataset of the stats tests; expected values are worked out in the tests."""
     return [
         req("a1", 910.0, [att("a1", 0, "slm", prompt_tokens=100, completion_tokens=10,
-                              cost_usd=0.001, spec_drafted=10, spec_accepted=6, spec_steps=4,
+                              cost_usd=0.001, compute_s=0.25, spec_drafted=10,
+                              spec_accepted=6, spec_steps=4,
                               energy_j=2.0, energy_measured=True,
                               signals={"mean_entropy": 0.2}, confidence=0.9)],
             task_id="A", latency_s=1.0, ttft_s=0.1, schema_valid=True, tier="slm",
@@ -1009,6 +1010,38 @@ def test_an_older_ledger_is_upgraded_in_place(db_url: str) -> None:
         assert (json_task["success"], json_task["outcome_source"]) == (False, "inferred")
     finally:
         old.close()
+
+
+def test_an_older_attempts_table_gets_compute_s(db_url: str) -> None:
+    """A ledger written before attempts recorded compute: the column is added in place, old rows
+    read NULL (unmeasured), new rows keep their figure."""
+    from router.ledger import metadata
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            metadata.create_all(conn)
+            conn.execute(sa.text("ALTER TABLE attempts DROP COLUMN compute_s"))
+            old_rows = batch_rows([req("o", 1.0, [att("o", 0, "slm", cost_usd=0.001)])])
+            conn.execute(sa.insert(metadata.tables["requests"]), old_rows[0])
+            conn.execute(sa.text(
+                "INSERT INTO attempts (request_id, attempt_no, task_id, route, tier, backend, "
+                "model, started_at, latency_s, prompt_tokens, completion_tokens, cost_usd, "
+                "signals, outcome, energy_measured) VALUES ('o', 0, 'o', 'auto', 'slm', 'be', "
+                "'m', 1.0, 0.1, 0, 0, 0.001, '{}', 'accepted', false)"))  # fmt: skip
+    finally:
+        engine.dispose()
+    led = Ledger(db_url)
+    led.start()
+    try:
+        load(led, [req("n", 2.0, [att("n", 0, "slm", cost_usd=0.002, compute_s=1.5)])])
+        old, new = led.task("o"), led.task("n")
+        assert old is not None
+        assert new is not None
+        assert old["requests"][0]["attempts"][0]["compute_s"] is None
+        assert new["requests"][0]["attempts"][0]["compute_s"] == 1.5
+    finally:
+        led.close()
 
 
 # ---- the benchmark's own bookkeeping ----------------------------------------------------------
