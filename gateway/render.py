@@ -94,6 +94,7 @@ def slmgate_facts(answer: Answer) -> dict[str, Any]:
                 "fallback_reason": a.fallback_reason,
                 "cost_usd": round(a.cost_usd, 10),
                 "latency_s": round(a.latency_s, 4),
+                "compute_s": None if a.compute_s is None else round(a.compute_s, 4),
                 "error": a.error,
                 "energy_j": None if a.energy_j is None else round(a.energy_j, 4),
                 "energy": None if a.energy_j is None else (
