@@ -24,13 +24,8 @@ from typing import Any
 
 import httpx
 
-from decoding.openai_compat import (
-    RemoteBackend,
-    RemoteConfig,
-    error_fields,
-    error_for_status,
-    normalise_base_url,
-)
+from decoding.openai_compat import RemoteBackend, RemoteConfig, normalise_base_url
+from decoding.openai_wire import error_fields, error_for_status
 from decoding.resilience import CircuitBreaker, parse_retry_after
 from decoding.types import GenerationRequest
 from schemas.errors import ContextLengthError, RequestTimeoutError, SlmgateError, UpstreamError

@@ -21,7 +21,7 @@ from schemas.errors import (
     RequestTooLargeError,
     SchemaTooComplexError,
 )
-from schemas.json_limits import compact_json, json_depth, lone_surrogate_path
+from schemas.json_limits import compact_json, lone_surrogate_path, raw_json_depth
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -36,14 +36,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def parse_request(body: bytes, limits: Limits) -> ChatCompletionRequest:
-    """Parse and validate a chat request. Nesting is measured on the raw bytes first, because
+def check_nesting(body: bytes, limits: Limits) -> None:
+    """A 400 for a body nested deeper than ``limits.max_json_depth``, measured on the raw bytes:
     the JSON parser and pydantic recurse per level (RecursionError past ~1,000)."""
-    depth = json_depth(body)
-    if depth > limits.max_json_depth:
+    if raw_json_depth(body) > limits.max_json_depth:
         raise RequestTooLargeError(
             f"JSON nesting deeper than {limits.max_json_depth} levels (limits.max_json_depth)"
         )
+
+
+def parse_request(body: bytes, limits: Limits) -> ChatCompletionRequest:
+    """Parse and validate a chat request, nesting first (``check_nesting``)."""
+    check_nesting(body, limits)
     try:
         # Strict UTF-8 (RFC 8259): json.loads on bytes would also take UTF-16/32 and let
         # CESU-8 surrogate bytes through as lone surrogates.
@@ -108,10 +112,7 @@ def task_id_of(request: Request, wire: ChatCompletionRequest) -> str | None:
 
 def parse_outcome(body: bytes, limits: Limits) -> TaskOutcome:
     """The body of ``POST /v1/tasks/{id}/outcome``, nesting checked first as for chat bodies."""
-    if json_depth(body) > limits.max_json_depth:
-        raise RequestTooLargeError(
-            f"JSON nesting deeper than {limits.max_json_depth} levels (limits.max_json_depth)"
-        )
+    check_nesting(body, limits)
     try:
         return TaskOutcome.model_validate_json(body or b"{}")
     except ValidationError as exc:

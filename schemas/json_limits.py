@@ -1,8 +1,8 @@
 """Checks on raw JSON that must run before anything recursive touches it.
 
 ``json.loads`` and pydantic recurse once per nesting level, so a body nested 10,000 deep raises
-``RecursionError`` deep inside them. ``json_depth`` measures the nesting on the raw bytes without
-recursion (string literals removed first, so brackets inside strings do not count), and
+``RecursionError`` deep inside them. ``raw_json_depth`` measures the nesting on the raw bytes
+without recursion (string literals removed first, so brackets inside strings do not count), and
 ``lone_surrogate_path`` finds text no encoder can write back out (a lone UTF-16 surrogate such as
 ``"\\ud800"`` is valid JSON, but fails the moment it is tokenized or logged as UTF-8).
 """
@@ -23,10 +23,10 @@ _OPEN = (ord("["), ord("{"))
 _CLOSE = (ord("]"), ord("}"))
 
 
-def json_depth(body: bytes) -> int:
+def raw_json_depth(body: bytes) -> int:
     """The deepest nesting of arrays/objects in ``body`` (0 for a scalar).
 
-    >>> json_depth(b'{"a": [1, {"b": "[[[["}]}')
+    >>> raw_json_depth(b'{"a": [1, {"b": "[[[["}]}')
     3
 
     Malformed input gives some number (the parser then reports the syntax error); the scan is

@@ -24,10 +24,8 @@ import uvicorn
 from decoding.backend import FinishEvent, collect
 from decoding.constraint import JsonSchema, NoConstraint, ToolCalls, ToolSpec
 from decoding.models import ModelSpec, build_backend
-from decoding.openai_compat import (
-    OpenAICompatBackend,
-    RemoteBackend,
-    RemoteConfig,
+from decoding.openai_compat import OpenAICompatBackend, RemoteBackend, RemoteConfig
+from decoding.openai_wire import (
     UpstreamAuthError,
     UpstreamHTTPError,
     entropy_estimate,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from decoding.engine import _children, _keep, prune_draft
+from decoding.draft_tree import child_map, keep_accepted_rows, prune_draft
 from spec.draft import Draft
 
 TREE = Draft(  # two branches: 1 -> 2 -> 3 and 4 -> 5, plus 6 under 4
@@ -68,7 +68,7 @@ def test_prune_of_a_chain_asks_the_grammar_once() -> None:
 
 
 def test_children_map_the_walk() -> None:
-    children = _children(TREE)
+    children = child_map(TREE)
     assert children[(-1, 1)] == 0
     assert children[(-1, 4)] == 3
     assert children[(3, 6)] == 5
@@ -93,13 +93,13 @@ def cache_rows(cache: DynamicCache) -> list[list[int]]:
 
 def test_keep_crops_a_chain_prefix() -> None:
     cache = filled_cache(10)
-    _keep(cache, base=4, accepted=[0, 1])
+    keep_accepted_rows(cache, base=4, accepted=[0, 1])
     assert cache_rows(cache) == [list(range(6))] * 2
 
 
 def test_keep_gathers_a_later_branch_into_place() -> None:
     cache = filled_cache(10)  # 4 cached/pending positions, then draft nodes 0..5 at rows 4..9
-    _keep(cache, base=4, accepted=[3, 5])
+    keep_accepted_rows(cache, base=4, accepted=[3, 5])
     assert cache_rows(cache) == [[0, 1, 2, 3, 7, 9]] * 2
     assert [int(v) for v in cache.layers[0].values[0, 1, :, 2]] == [0, -1, -2, -3, -7, -9]  # type: ignore[index]
     assert cache.get_seq_length() == 6
@@ -107,5 +107,5 @@ def test_keep_gathers_a_later_branch_into_place() -> None:
 
 def test_keep_nothing_accepted_drops_every_node() -> None:
     cache = filled_cache(10)
-    _keep(cache, base=4, accepted=[])
+    keep_accepted_rows(cache, base=4, accepted=[])
     assert cache_rows(cache) == [list(range(4))] * 2

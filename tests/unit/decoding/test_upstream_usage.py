@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from decoding.backend import FinishEvent, collect
-from decoding.openai_compat import TokenTable, cached_of, events_of, result_from_response
+from decoding.openai_wire import TokenTable, cached_of, events_of, result_from_response
 
 RESPONSE: dict[str, Any] = {
     "choices": [

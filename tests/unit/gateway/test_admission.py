@@ -17,7 +17,7 @@ from gateway.config import GatewayConfig, Limits, from_mapping
 from gateway.guard import bearer_key, is_json_content_type
 from router.router import Route, Router
 from schemas.errors import InvalidRequestError, OverloadedError
-from schemas.json_limits import json_depth, lone_surrogate_path
+from schemas.json_limits import lone_surrogate_path, raw_json_depth
 from tests.unit.gateway.test_failure_paths import BODY, ScriptedBackend, events
 
 KEY = "sk-admission"
@@ -45,11 +45,11 @@ def error_of(r: httpx.Response) -> dict[str, Any]:
 
 
 def test_json_depth_counts_containers_not_brackets_in_strings() -> None:
-    assert json_depth(b'{"a": [1, {"b": "[[[[{{{"}]}') == 3
-    assert json_depth(b'"[[[["') == 0
-    assert json_depth(b'{"a": "\\"[[["}') == 1  # escaped quote stays inside the string
-    assert json_depth(b"[" * 10_000 + b"]" * 10_000) == 10_000
-    assert json_depth(b"42") == 0
+    assert raw_json_depth(b'{"a": [1, {"b": "[[[[{{{"}]}') == 3
+    assert raw_json_depth(b'"[[[["') == 0
+    assert raw_json_depth(b'{"a": "\\"[[["}') == 1  # escaped quote stays inside the string
+    assert raw_json_depth(b"[" * 10_000 + b"]" * 10_000) == 10_000
+    assert raw_json_depth(b"42") == 0
 
 
 def test_lone_surrogates_are_found_with_their_path() -> None:
