@@ -219,14 +219,18 @@ class EmbeddedEngine:
         """Render the prompt, check the length, compile the grammar. Raises 400-class errors
         (the grammar's within ``grammar_limits.compile_timeout_s``)."""
         prompt_ids, max_new_tokens = self._check_prompt(req)
-        grammar = self.grammars.compile(req.constraint, param=_grammar_param(req))
+        grammar = (
+            self.grammars.compile(req.constraint, param=_grammar_param(req)) if req.guided else None
+        )
         return PreparedRequest(req, prompt_ids, grammar, max_new_tokens)
 
     async def prepare_async(self, req: GenerationRequest) -> PreparedRequest:
         """``prepare`` for the event loop: the prompt is rendered on a worker thread and the
         grammar compile is awaited without holding a thread while it runs."""
         prompt_ids, max_new_tokens = await asyncio.to_thread(self._check_prompt, req)
-        grammar = await self.grammars.compile_async(req.constraint, param=_grammar_param(req))
+        grammar = None
+        if req.guided:
+            grammar = await self.grammars.compile_async(req.constraint, param=_grammar_param(req))
         return PreparedRequest(req, prompt_ids, grammar, max_new_tokens)
 
     def _check_prompt(self, req: GenerationRequest) -> tuple[list[int], int]:

@@ -48,8 +48,14 @@ def _as_call(obj: Any, names: set[str]) -> ParsedToolCall | None:
 
 
 def _bare_calls(text: str, names: set[str]) -> list[ParsedToolCall] | None:
-    """Calls when the whole text is bare JSON calls, else None."""
+    """Calls when the whole text is bare JSON calls, else None. A call with doubled outer braces
+    (``{{"name": ..., "arguments": {...}}}``, Qwen2.5-Coder-1.5B's most likely first token when
+    tools are offered) is read as that call."""
     stripped = text.strip()
+    if stripped.startswith("{{") and stripped.endswith("}}"):
+        undoubled = _bare_calls(stripped[1:-1], names)
+        if undoubled is not None:
+            return undoubled
     if not stripped or stripped[0] not in "{[":
         return None
     decoder = json.JSONDecoder()

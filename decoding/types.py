@@ -61,6 +61,10 @@ class GenerationRequest:
     request_id: str = ""
     task_id: str | None = None
     speculation: Speculation | None = None  # None: the backend's default for this request
+    # False: no grammar while decoding (the output is still parsed and validated afterwards);
+    # set by a route's ``guided_decoding``. Embedded engines only: a remote server decodes as it
+    # is configured to.
+    guided: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,7 +112,7 @@ def route_from_mapping(data: Mapping[str, Any]) -> Route:
     with ``weights``/``threshold``; ``early_fallback`` takes ``EarlyFallback``'s fields."""
     known = {
         "name", "tiers", "policy", "signal", "threshold", "early_fallback", "pre",
-        "speculation", "stream_commit_tokens",
+        "speculation", "stream_commit_tokens", "guided_decoding",
     }  # fmt: skip
     unknown = set(data) - known
     if unknown:

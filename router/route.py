@@ -23,6 +23,10 @@ class Route:
     early_fallback: EarlyFallback = field(default_factory=EarlyFallback)
     pre: PreRouter = field(default_factory=PreRouter)
     speculation: Speculation | None = None  # None: each backend's default
+    # False: embedded tiers decode without the grammar; outputs are still parsed and validated
+    # (an invalid one is flagged, and escalates on a cascade). For measuring what the grammar
+    # does (``slmgate eval bfcl``), not for production traffic.
+    guided_decoding: bool = True
     stream_commit_tokens: int = 16
 
     def __post_init__(self) -> None:

@@ -98,6 +98,7 @@ class Router:
     def plan(self, route: Route, req: GenerationRequest, trace: Trace | None = None) -> Plan:
         """Pick the first tier and prepare it, so request errors (schema, context length)
         surface as 400s before any byte is sent. Blocking: servers use ``plan_async``."""
+        req = self.with_route_settings(route, req)
         start, skip, last = self._first_tier(route, req, trace)
         tier = start
         while True:
@@ -113,6 +114,7 @@ class Router:
         self, route: Route, req: GenerationRequest, trace: Trace | None = None
     ) -> Plan:
         """``plan`` on the event loop: a grammar compile is awaited without holding a thread."""
+        req = self.with_route_settings(route, req)
         start, skip, last = self._first_tier(route, req, trace)
         tier = start
         while True:
@@ -139,11 +141,13 @@ class Router:
         last = len(route.tiers) - 1 if route.cascades or route.policy == "pre" else start
         return start, skip, last
 
-    def with_speculation(self, route: Route, req: GenerationRequest) -> GenerationRequest:
-        """Apply the route's speculation setting unless the request chose one itself."""
-        if req.speculation is not None or route.speculation is None:
-            return req
-        return replace(req, speculation=route.speculation)
+    def with_route_settings(self, route: Route, req: GenerationRequest) -> GenerationRequest:
+        """Apply the route's speculation (unless the request chose one) and guided decoding."""
+        if req.speculation is None and route.speculation is not None:
+            req = replace(req, speculation=route.speculation)
+        if not route.guided_decoding:
+            req = replace(req, guided=False)
+        return req
 
     # ---- running a plan ------------------------------------------------------------------
 
@@ -151,7 +155,7 @@ class Router:
         self, plan: Plan, req: GenerationRequest, trace: Trace, *, streaming: bool
     ) -> AsyncGenerator[TokenEvent | FinishEvent | Answer, None]:
         backends = [self.backends[name] for name in plan.route.tiers]
-        req = self.with_speculation(plan.route, req)
+        req = self.with_route_settings(plan.route, req)
         return run_tiers(plan, req, trace, backends, self.energy, streaming=streaming)
 
     async def complete(self, plan: Plan, req: GenerationRequest, trace: Trace) -> Answer:

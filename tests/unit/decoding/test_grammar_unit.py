@@ -40,7 +40,8 @@ TIME = ToolSpec("get_time", {"type": "object", "properties": {"tz": {"type": "st
 
 CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 TAGGED = f"<tool_call>\n{CALL}\n</tool_call>"
-TAGGED_TIME = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
+CALL_TIME = '{"name": "get_time", "arguments": {"tz": "UTC"}}'
+TAGGED_TIME = f"<tool_call>\n{CALL_TIME}\n</tool_call>"
 
 
 @pytest.fixture
@@ -75,7 +76,37 @@ TOOL_CASES = [
     ("required", False, f"{TAGGED}\n{TAGGED_TIME}", False, "parallel_tool_calls=false: one"),
     ("required", True, '{"name": "get_weather", "arguments": {"city": "P", "x": 1}}', False,
      "additionalProperties false holds inside calls"),
+    ("auto", True, "```python\nprint(1)\n```", True, "a code answer is text, not a call"),
+    ("auto", True, "```\nfoo", False, "a fence without a language could hide a call: refused"),
+    ("auto", True, "[1, 2]", False, "a leading [ is always an array of calls"),
+    ("auto", True, " It is sunny.", False, "text starts with a visible character"),
+    ("auto", False, f"```json\n{CALL}\n{CALL_TIME}\n```", False, "one fence, one call"),
+    ("auto", False, f"[{CALL}, {CALL_TIME}]", False, "one array, one call"),
+    ("auto", False, f"[{CALL}]", True, "an array of one call"),
+    ("required", True, '```json\n{"name": "get_weather", "arguments": {}}\n```', False,
+     "calls in a fence keep their schema"),
+    ("required", True, '[{"name": "nope", "arguments": {}}]', False, "arrays hold offered tools"),
 ]  # fmt: skip
+
+# Every form the grammar allows for the same two calls (parsed alike in test_text_units).
+MULTI_CALL_FORMS = {
+    "tagged blocks": f"{TAGGED}\n{TAGGED_TIME}",
+    "bare, one per line": f"{CALL}\n{CALL_TIME}",
+    "one fence, one per line": f"```json\n{CALL}\n{CALL_TIME}\n```",
+    "a fence per call": f"```json\n{CALL}\n```\n```json\n{CALL_TIME}\n```",
+    "array": f"[{CALL}, {CALL_TIME}]",
+    "array in a fence": f"```json\n[{CALL}, {CALL_TIME}]\n```",
+}
+
+
+@pytest.mark.parametrize("mode", ["auto", "required"])
+@pytest.mark.parametrize("form", sorted(MULTI_CALL_FORMS))
+def test_every_multi_call_form_is_accepted_only_with_parallel_calls(mode: str, form: str) -> None:
+    text = MULTI_CALL_FORMS[form]
+    parallel = ToolCalls((WEATHER, TIME), mode=mode, parallel=True)  # type: ignore[arg-type]
+    single = ToolCalls((WEATHER, TIME), mode=mode, parallel=False)  # type: ignore[arg-type]
+    assert accepts(grammar_for(parallel), text), form
+    assert not accepts(grammar_for(single), text), form
 
 
 @pytest.mark.parametrize(("mode", "parallel", "text", "accepted", "why"), TOOL_CASES)

@@ -32,6 +32,8 @@ PARSE_CASES = [
      [("f", '{"x": 1}')], "a fence cut by max_tokens is dropped"),
     (f"Here:\n```json\n{CALL}\n```", f"Here:\n```json\n{CALL}\n```", [],
      "a fence after text is content: the grammar only constrains a leading fence"),
+    (f"{{{CALL}}}", None, [("f", '{"x": 1}')], "doubled outer braces (Qwen2.5-Coder-1.5B)"),
+    ("{{" + CALL, "{{" + CALL, [], "doubled braces must close doubled"),
     ('{"name": "f", "parameters": {"x": 1}}', None, [("f", '{"x": 1}')], "parameters alias"),
     ('{"name": "f", "arguments": "{\\"x\\": 1}"}', None, [("f", '{"x": 1}')], "string args"),
     ('{"name": "g", "arguments": {}}', '{"name": "g", "arguments": {}}', [], "unknown tool"),
@@ -49,6 +51,25 @@ def test_parse_tool_calls(
     parsed = parse_tool_calls(text, ["f"])
     assert parsed.content == content, why
     assert parsed.tool_calls == tuple(ParsedToolCall(n, a) for n, a in calls), why
+
+
+CALL_G = '{"name": "g", "arguments": {"y": "z"}}'
+# The multi-call forms the tool grammar allows (test_grammar_unit.MULTI_CALL_FORMS), same calls.
+MULTI_CALL_FORMS = [
+    f"<tool_call>\n{CALL}\n</tool_call>\n<tool_call>\n{CALL_G}\n</tool_call>",
+    f"{CALL}\n{CALL_G}",
+    f"```json\n{CALL}\n{CALL_G}\n```",
+    f"```json\n{CALL}\n```\n```json\n{CALL_G}\n```",
+    f"[{CALL}, {CALL_G}]",
+    f"```json\n[{CALL}, {CALL_G}]\n```",
+]
+
+
+@pytest.mark.parametrize("text", MULTI_CALL_FORMS)
+def test_every_multi_call_form_parses_into_the_same_calls(text: str) -> None:
+    parsed = parse_tool_calls(text, ["f", "g"])
+    assert parsed.content is None
+    assert parsed.tool_calls == (ParsedToolCall("f", '{"x": 1}'), ParsedToolCall("g", '{"y": "z"}'))
 
 
 @pytest.mark.parametrize(

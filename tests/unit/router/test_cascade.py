@@ -40,14 +40,17 @@ class Scripted:
         self.ready = True
         self.calls = 0
         self.closed_early = False
+        self.seen: list[GenerationRequest] = []  # what prepare and generate were given
 
     def prepare(self, req: GenerationRequest) -> str:
+        self.seen.append(req)
         return "prepared"
 
     async def generate(
         self, req: GenerationRequest, prepared: Any = None
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
         self.calls += 1
+        self.seen.append(req)
         emitted = 0
         try:
             for text, prob in self.pieces:
@@ -260,6 +263,23 @@ async def test_json_on_a_cascade_is_not_streamed_token_by_token() -> None:
     assert not router.streams_tokens(plan, request)
     single = router.plan(Route("slm", ("slm",)), request)
     assert router.streams_tokens(single, request)
+
+
+@pytest.mark.parametrize("guided", [True, False])
+async def test_route_guided_decoding_reaches_every_tier_and_output_is_still_parsed(
+    guided: bool,
+) -> None:
+    call = '{"name": "f", "arguments": {"x": 1}}'
+    slm = Scripted("slm", "slm", tokens("no", 0.1))
+    llm = Scripted("llm", "llm", tokens(call, 0.99))
+    route = Route("auto", ("slm", "llm"), policy="cascade", threshold=0.5, guided_decoding=guided,
+                  early_fallback=EarlyFallback(enabled=False))  # fmt: skip
+    tool = ToolSpec("f", {"type": "object", "properties": {"x": {"type": "integer"}}})
+    answer, _ = await run(Router({"slm": slm, "llm": llm}, {}), route, req(ToolCalls((tool,))))
+    assert [r.guided for r in slm.seen + llm.seen] == [guided] * 4
+    parsed = answer.checks[0].parsed
+    assert parsed is not None
+    assert [(c.name, c.arguments) for c in parsed.tool_calls] == [("f", '{"x": 1}')]
 
 
 async def test_request_record_sums_attempts() -> None:
