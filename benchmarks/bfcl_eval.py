@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from router.stats import percentile
 
 DEFAULT_POLICIES = ("slm", "llm", "auto", "pre")
 SYSTEM_PROMPT = "Call the provided functions when they answer the request; otherwise reply briefly."
-CHECKPOINT_EVERY = 20  # items between partial --json writes
+CHECKPOINT_EVERY = 2  # items between partial --json writes (also written on SIGTERM)
 
 
 @dataclass(slots=True)
@@ -78,6 +79,14 @@ class ItemRecord:
 
 
 # ---- pure parts (unit-tested) ------------------------------------------------------------------
+
+
+def round_robin(per_category: Sequence[Sequence[bfcl_data.BfclItem]]) -> list[bfcl_data.BfclItem]:
+    """Items taking turns across categories, so a run stopped early covers every category."""
+    out: list[bfcl_data.BfclItem] = []
+    for i in range(max((len(c) for c in per_category), default=0)):
+        out += [c[i] for c in per_category if i < len(c)]
+    return out
 
 
 def task_id(category: str, item_id: str, policy: str, run_id: str) -> str:
@@ -330,6 +339,7 @@ def label_rows(records: Sequence[ItemRecord], policy: str = "slm") -> list[dict[
     return [
         {
             "signals": r.signals,
+            "kind": "tools",
             "confidence": r.confidence,
             "success": r.success,
             "category": r.category,
@@ -497,7 +507,7 @@ def evaluate(
         "system_prompt": args.system_prompt,
         "bfcl_eval_version": _version("bfcl-eval"),
     }
-    items = [it for c in categories for it in bfcl_data.load_items(c, args.limit, args.offset)]
+    items = round_robin([bfcl_data.load_items(c, args.limit, args.offset) for c in categories])
     planned = {(it.category, it.id, p) for it in items for p in policies}
     records: list[ItemRecord] = []
     if args.resume and args.json and args.json.exists():
@@ -521,11 +531,19 @@ def evaluate(
                         sent += 1
                 if args.json and n % CHECKPOINT_EVERY == 0 and sent:
                     _write_json(args.json, _report(records, policies, categories, meta, True))
-        except KeyboardInterrupt:  # keep what was done, for --resume
+        except (KeyboardInterrupt, Terminated):  # keep what was done, for --resume
             if args.json:
                 _write_json(args.json, _report(records, policies, categories, meta, True))
             raise
     return _report(records, policies, categories, meta, False)
+
+
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread so a stopped run still writes its records."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def _version(dist: str) -> str | None:
@@ -599,6 +617,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     with contextlib.ExitStack() as stack:
         base = args.base_url
         if base is None or args.serve:

@@ -95,12 +95,14 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     labelled: list[tuple[dict[str, float], bool]] = []
     features: list[tuple[dict[str, float], bool]] = []
+    kinds: list[str] = []
     if args.labels:
         for row in _load_labels(args.labels):
             ok = bool(row["success"])
             signals = row.get("signals") or {}
             assert isinstance(signals, dict)
             labelled.append(({k: float(v) for k, v in signals.items()}, ok))
+            kinds.append(str(row.get("kind", "tools")))
             feats = row.get("features")
             if isinstance(feats, dict):
                 features.append(({k: float(v) for k, v in feats.items()}, ok))
@@ -113,7 +115,8 @@ def _calibrate(args: argparse.Namespace) -> int:
             rows = ledger.calibration_rows(args.route, args.tier, args.window)
         finally:
             ledger.close()
-        labelled = [(signals, ok) for signals, _, ok in rows]
+        labelled = [(signals, ok) for signals, _, ok, _ in rows]
+        kinds = [kind for *_, kind in rows]
     if not labelled:
         print("no labelled rows: run `slmgate eval bfcl --labels FILE` or report task outcomes")
         return 1
@@ -145,6 +148,26 @@ def _calibrate(args: argparse.Namespace) -> int:
         pre.save(args.pre_out)
         print(f"pre-router fitted on {len(features)} rows -> {args.pre_out}")
         out["pre_router"] = args.pre_out
+    if args.deferral_out:
+        from router.deferral import KINDS, fit_rule
+
+        target = args.target_success_rate
+        if target is None:
+            print("--deferral-out needs --target-success-rate (the kept answers' success bar)")
+            return 1
+        pairs = zip(kinds, labelled, strict=True)
+        kinded = [(k, v, ok) for k, (v, ok) in pairs if k in KINDS]
+        rule, report = fit_rule(kinded, min_success_rate=target)
+        rule.save(args.deferral_out)
+        for kind, r in report.items():
+            head = f"deferral {kind}: {r['rows']} rows"
+            if r["fitted"]:
+                print(f"{head}, AUROC {r['auroc']:.3f} (on these rows), threshold "
+                      f"{r['threshold']:.4f}, fallback {r['fallback_rate']:.3f}")  # fmt: skip
+            else:
+                print(f"{head}, not fitted (needs successes and failures)")
+        print(f"deferral rule -> {args.deferral_out} (route setting `deferral: PATH`)")
+        out["deferral"] = {"path": args.deferral_out, "report": report}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
@@ -193,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--window", type=float, default=None, help="ledger window in seconds")
     cal.add_argument("--pre-out", default=None, help="also fit the pre-router; write it here")
     cal.add_argument("--pre-threshold", type=float, default=0.5)
+    cal.add_argument("--deferral-out", default=None,
+                     help="also fit a learned deferral rule per request kind; write it here")
     cal.add_argument("--json", default=None, help="write the results as JSON")
     cal.set_defaults(func=_calibrate)
 

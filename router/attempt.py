@@ -5,6 +5,7 @@ so an attempt cancelled mid-prefill or mid-stream is booked with what it consume
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -18,6 +19,7 @@ from decoding.validate import OutputCheck, check_output
 from router.answer import Trace, executable_of, schema_valid_of
 from router.confidence import CollapseWatch, combined_signals, signals_of
 from router.cost import attempt_cost, compute_priced
+from router.deferral import answer_features, is_masked, kind_of
 from router.energy import EnergyMeter, EnergyToken
 from router.records import AttemptOutcome, AttemptRecord
 from router.route import Route
@@ -95,6 +97,7 @@ class Attempt:
     checks: list[OutputCheck] = field(default_factory=list)  # empty when aborted
     signals: dict[str, float] = field(default_factory=dict)
     confidence: float | None = None
+    threshold: float = 0.0  # escalate when confidence < threshold (the route's, or its rule's)
     record: AttemptRecord | None = None  # its ledger row, once booked
     meter: EnergyToken | None = None
 
@@ -167,6 +170,34 @@ class Attempt:
             self.checks = [check_output(req.constraint, c.text) for c in self.result.choices]
         self.signals = signals_of_result(self.result)
         self.confidence = self.signals.get(self.route.signal)
+        self.threshold = self.route.threshold
+        if self.aborted:
+            return
+        per_choice = self.features(req)
+        if per_choice:
+            self.signals.update(per_choice[0])
+        rule, kind = self.route.deferral, kind_of(req.constraint)
+        if rule is not None and per_choice and rule.p_success(kind, {}) is not None:
+            # The least likely choice decides (n > 1); a rule replaces the single signal.
+            self.confidence = min(rule.p_success(kind, f) or 0.0 for f in per_choice)
+            self.signals["deferral"] = self.confidence
+            self.threshold = rule.threshold(kind)
+
+    def features(self, req: GenerationRequest) -> list[dict[str, float]]:
+        """The deferral features of each choice (``router.deferral``)."""
+        assert self.result is not None
+        masked = is_masked(req.constraint, req.guided, embedded=self.info.compute_cores > 0)
+        out = []
+        for choice, check in zip(self.result.choices, self.checks, strict=True):
+            calls = check.parsed.tool_calls if check.parsed is not None else ()
+            out.append(
+                answer_features(
+                    choice.events, masked=masked, valid=check.valid,
+                    call_arguments=[json.loads(c.arguments) for c in calls] or None,
+                    messages=req.messages,
+                )
+            )  # fmt: skip
+        return out
 
     def book(
         self,
@@ -205,7 +236,9 @@ class Attempt:
                 info, result.prompt_tokens, result.completion_tokens, compute_s or 0.0
             ),
             compute_s=compute_s,
-            confidence=signals.get(self.route.signal),
+            confidence=(
+                self.confidence if self.result is not None else signals.get(self.route.signal)
+            ),
             signals={k: v for k, v in signals.items() if math.isfinite(v)},
             outcome=outcome,
             fallback_reason=reason,

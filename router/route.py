@@ -7,6 +7,7 @@ from typing import Literal
 
 from decoding.types import Speculation
 from router.confidence import DEFAULT_SIGNAL, SIGNALS, EarlyFallback
+from router.deferral import DeferralRule
 from router.pre import PreRouter
 
 Policy = Literal["single", "cascade", "pre", "pre_cascade"]
@@ -27,6 +28,9 @@ class Route:
     # (an invalid one is flagged, and escalates on a cascade). For measuring what the grammar
     # does (``slmgate eval bfcl``), not for production traffic.
     guided_decoding: bool = True
+    # A learned rule (``slmgate calibrate --deferral-out``): per kind of request, it replaces
+    # ``signal``/``threshold`` with P(success) from many features and its own threshold.
+    deferral: DeferralRule | None = None
     stream_commit_tokens: int = 16
 
     def __post_init__(self) -> None:

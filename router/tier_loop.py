@@ -67,7 +67,7 @@ def escalation_reason(route: Route, att: Attempt) -> str | None:
         return "truncated" if truncated else "invalid"
     if executable_of(att.checks, att.result) is False:
         return "not_executable"
-    if att.confidence is not None and att.confidence < route.threshold:
+    if att.confidence is not None and att.confidence < att.threshold:
         return "low_confidence"
     return None
 

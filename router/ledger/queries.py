@@ -13,7 +13,8 @@ from router.ledger.outcomes import REPORTED
 from router.ledger.rows import attempt_dict, request_dict
 from router.ledger.schema import attempts_table, requests_table, tasks_table
 
-CalibrationRow = tuple[dict[str, float], float | None, bool]
+# (signals, confidence, task success, kind of request: text | json | tools)
+CalibrationRow = tuple[dict[str, float], float | None, bool, str]
 
 
 def request_filter(start: float | None, end: float, route: str | None) -> list[Any]:
@@ -126,13 +127,13 @@ def task(conn: Connection, task_id: str) -> dict[str, Any] | None:
 def calibration_rows(
     conn: Connection, route: str | None, tier: str, start: float | None, end: float
 ) -> list[CalibrationRow]:
-    """(signals, confidence, task success) for accepted attempts on ``tier`` whose task has a
+    """(signals, confidence, task success, kind) for accepted attempts on ``tier`` whose task has a
     reported outcome: the labelled data cascade thresholds are calibrated on."""
     a = attempts_table.c
     t = tasks_table.c
     r = requests_table.c
     query = (
-        sa.select(a.signals, a.confidence, t.success)
+        sa.select(a.signals, a.confidence, t.success, r.expects_tools, r.expects_json)
         .select_from(
             attempts_table.join(tasks_table, a.task_id == t.task_id).join(
                 requests_table, a.request_id == r.request_id
@@ -152,6 +153,7 @@ def calibration_rows(
             {str(k): float(v) for k, v in (signals or {}).items()},
             None if confidence is None else float(confidence),
             bool(success),
+            "tools" if tools else "json" if json_ else "text",
         )
-        for signals, confidence, success in conn.execute(query)
+        for signals, confidence, success, tools, json_ in conn.execute(query)
     ]

@@ -222,8 +222,8 @@ class Ledger:
         window_s: float | None = None,
         now: float | None = None,
     ) -> list[queries.CalibrationRow]:
-        """(signals, confidence, task success) for accepted attempts on ``tier`` whose task has
-        a reported outcome: the labelled data cascade thresholds are calibrated on."""
+        """(signals, confidence, task success, kind) for accepted attempts on ``tier`` whose task
+        has a reported outcome: the labelled data cascade thresholds are calibrated on."""
         end = time.time() if now is None else float(now)
         start = None if window_s is None else end - float(window_s)
         return self._read(lambda conn: queries.calibration_rows(conn, route, tier, start, end))

@@ -416,9 +416,16 @@ def test_label_rows_come_from_slm_replies_only() -> None:
         rec("llm", True, signals={"mean_prob": 0.8}, confidence=0.8, id="a"),
     ]
     assert be.label_rows(records) == [
-        {"signals": {"mean_prob": 0.9}, "confidence": 0.9, "success": True,
+        {"signals": {"mean_prob": 0.9}, "kind": "tools", "confidence": 0.9, "success": True,
          "category": "simple_python", "id": "a", "features": {"tools": 1.0}},
     ]  # fmt: skip
+
+
+def test_round_robin_takes_turns_across_categories() -> None:
+    a = be.bfcl_data.load_items("simple_python", 2)
+    b = be.bfcl_data.load_items("irrelevance", 3)
+    assert [i.id for i in be.round_robin([a, b])] == [
+        a[0].id, b[0].id, a[1].id, b[1].id, b[2].id]  # fmt: skip
 
 
 def test_request_features_match_the_pre_router() -> None:
@@ -562,7 +569,7 @@ def test_main_writes_json_labels_and_prints_tables(
     ]
     rows = [json.loads(line) for line in labels.read_text().splitlines()]
     features = rows[0].pop("features")
-    assert rows == [{"signals": {}, "confidence": None, "success": False,
+    assert rows == [{"signals": {}, "kind": "tools", "confidence": None, "success": False,
                      "category": "simple_python", "id": "simple_python_0"}]  # fmt: skip
     assert features["tools"] >= 1.0
 

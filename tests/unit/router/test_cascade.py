@@ -15,6 +15,7 @@ from decoding.backend import BackendInfo, FinishEvent
 from decoding.constraint import JsonSchema, NoConstraint, ToolCalls, ToolSpec
 from decoding.types import GenerationRequest, SamplingParams, TokenEvent
 from router.confidence import EarlyFallback
+from router.deferral import DeferralRule, LogisticModel
 from router.pre import PreRouter
 from router.router import Route, Router, Trace, request_record
 from schemas.errors import InvalidRequestError, RequestTimeoutError, UpstreamError
@@ -280,6 +281,44 @@ async def test_route_guided_decoding_reaches_every_tier_and_output_is_still_pars
     parsed = answer.checks[0].parsed
     assert parsed is not None
     assert [(c.name, c.arguments) for c in parsed.tool_calls] == [("f", '{"x": 1}')]
+
+
+def provenance_rule(threshold: float) -> DeferralRule:
+    """P(success) rises with provenance only: calls with invented values defer."""
+    model = LogisticModel(("provenance",), (0.5,), (0.25,), (4.0,), 0.0, (0.0,), (1.0,),
+                          threshold=threshold)  # fmt: skip
+    return DeferralRule({"tools": model})
+
+
+@pytest.mark.parametrize(("city", "escalated"), [("Paris", False), ("Atlantis", True)])
+async def test_learned_rule_defers_a_call_with_invented_arguments(
+    city: str, escalated: bool
+) -> None:
+    call = json.dumps({"name": "f", "arguments": {"city": city}})
+    slm = Scripted("slm", "slm", tokens(call, 0.99))
+    llm = Scripted("llm", "llm", tokens('{"name": "f", "arguments": {"city": "Paris"}}', 0.99))
+    route = Route("auto", ("slm", "llm"), policy="cascade", deferral=provenance_rule(0.5),
+                  early_fallback=EarlyFallback(enabled=False))  # fmt: skip
+    tool = ToolSpec("f", {"type": "object", "properties": {"city": {"type": "string"}}})
+    request = GenerationRequest(
+        ({"role": "user", "content": "Weather in Paris?"},), SamplingParams(temperature=0.0),
+        ToolCalls((tool,)), request_id="r1", task_id="t1",
+    )  # fmt: skip
+    answer, trace = await run(Router({"slm": slm, "llm": llm}, {}), route, request)
+    first = trace.attempts[0]
+    assert first.signals["provenance"] == (0.0 if escalated else 1.0)
+    assert (first.fallback_reason == "low_confidence") is escalated
+    assert answer.backend.name == ("llm" if escalated else "slm")
+    assert first.confidence == pytest.approx(first.signals["deferral"])
+
+
+async def test_a_rule_without_a_model_for_the_kind_keeps_the_route_signal() -> None:
+    slm = Scripted("slm", "slm", tokens('{"a": 1}', 0.3))
+    llm = Scripted("llm", "llm", tokens('{"a": 2}', 0.99))
+    route = Route("auto", ("slm", "llm"), policy="cascade", threshold=0.5,
+                  deferral=provenance_rule(0.5), early_fallback=EarlyFallback(enabled=False))
+    answer, _ = await run(Router({"slm": slm, "llm": llm}, {}), route, req(SCHEMA))
+    assert answer.fallback_reason == "low_confidence"  # mean_prob 0.3 < 0.5, as without a rule
 
 
 async def test_request_record_sums_attempts() -> None:

@@ -557,17 +557,24 @@ def test_stats_single_instant_goes_to_one_bucket(ledger: Ledger) -> None:
 
 def test_calibration_rows(ledger: Ledger) -> None:
     load_dataset(ledger)
+
+    def rows(route: str | None, tier: str, **kw: Any) -> list[tuple[Any, ...]]:
+        found = ledger.calibration_rows(route, tier, **kw)
+        assert all(kind in ("text", "json", "tools") for *_, kind in found)
+        return [row[:3] for row in found]
+
     # accepted slm attempts: a1 (task A reported False), b1 (B inferred: excluded), d1/d2 (D
     # inferred: excluded); c1's slm attempt escalated (excluded)
-    assert ledger.calibration_rows(None, "slm") == [({"mean_entropy": 0.2}, 0.9, False)]
-    assert ledger.calibration_rows(None, "llm") == [
+    assert rows(None, "slm") == [({"mean_entropy": 0.2}, 0.9, False)]
+    assert rows(None, "llm") == [
         ({}, 0.8, False),  # a2 → A reported False
         ({"mean_entropy": 0.1}, 0.95, True),  # c1 reported True
     ]
-    assert ledger.calibration_rows("tools", "slm") == []
-    assert ledger.calibration_rows("auto", "llm", window_s=60, now=1000.0) == [
-        ({"mean_entropy": 0.1}, 0.95, True)
-    ]
+    assert rows("tools", "slm") == []
+    assert rows("auto", "llm", window_s=60, now=1000.0) == [({"mean_entropy": 0.1}, 0.95, True)]
+    kinds = {kind for *_, kind in ledger.calibration_rows(None, "llm")}
+    assert kinds <= {"tools", "json", "text"}
+    assert kinds
 
 
 # ---- failure paths ----------------------------------------------------------------------------
