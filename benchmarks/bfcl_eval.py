@@ -224,8 +224,9 @@ def summarize(records: Sequence[ItemRecord], policy: str) -> dict[str, Any]:
         c = categories.setdefault(r.category, {"items": 0, "successes": 0})
         c["items"] += 1
         c["successes"] += int(r.success)
-    for c in categories.values():
+    for name, c in categories.items():
         c["accuracy"] = _rate(c["successes"], c["items"])
+        c.update(_reply_rates([r for r in replies if r.category == name]))
     tiers: dict[str, int] = {}
     for r in replies:
         if r.tier is not None:
@@ -254,6 +255,18 @@ def summarize(records: Sequence[ItemRecord], policy: str) -> dict[str, Any]:
     }
 
 
+def _reply_rates(replies: Sequence[ItemRecord]) -> dict[str, float | None]:
+    """Per category: schema validity (gateway facts), executable calls (among replies with
+    calls) and the share of replies that called any tool (1 - abstention, on irrelevance)."""
+    valid = [r.valid for r in replies if r.valid is not None]
+    calling = [r.executable_local for r in replies if r.executable_local is not None]
+    return {
+        "schema_validity_rate": _rate(sum(valid), len(valid)),
+        "executable_call_rate": _rate(sum(calling), len(calling)),
+        "call_rate": _rate(sum(r.calls > 0 for r in replies), len(replies)),
+    }
+
+
 def _count(values: Iterator[str | None] | Any) -> dict[str, int]:
     out: dict[str, int] = {}
     for v in values:
@@ -274,7 +287,8 @@ def _sec(x: float | None) -> str:
 
 
 def render_table(summaries: Sequence[dict[str, Any]], categories: Sequence[str]) -> str:
-    """Two Markdown tables: the policy metrics, then accuracy per category."""
+    """Markdown tables: the policy metrics, accuracy per category, then validity, executable
+    calls and the share of replies with a call per category."""
     head = (
         "| policy | items | accuracy | CPS $ | validity | executable | fallback | p50 s "
         "| p95 s | mean cost $ | tokens in/out | req errors |"
@@ -298,6 +312,20 @@ def render_table(summaries: Sequence[dict[str, Any]], categories: Sequence[str])
         for c in categories:
             got = s["per_category"].get(c)
             cells.append("-" if got is None else f"{_pct(got['accuracy'])} ({got['items']})")
+        lines.append(f"| {s['policy']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Per category: validity / executable calls / replies with a call",
+        "",
+        "| policy | " + " | ".join(categories) + " |",
+        "|" + "---|" * (1 + len(categories)),
+    ]
+    for s in summaries:
+        cells = []
+        for c in categories:
+            got = s["per_category"].get(c)
+            rates = ("schema_validity_rate", "executable_call_rate", "call_rate")
+            cells.append("-" if got is None else " / ".join(_pct(got.get(r)) for r in rates))
         lines.append(f"| {s['policy']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

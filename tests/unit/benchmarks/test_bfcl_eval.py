@@ -372,10 +372,16 @@ def test_summarize_rates_cps_and_percentiles() -> None:
     assert (s["prompt_tokens"], s["completion_tokens"]) == (25, 6)
     assert s["request_errors"] == 1
     assert s["tiers"] == {"slm": 3}
-    assert s["per_category"] == {
+    per = {k: {f: v[f] for f in ("items", "successes", "accuracy")}
+           for k, v in s["per_category"].items()}  # fmt: skip
+    assert per == {
         "simple_python": {"items": 3, "successes": 1, "accuracy": pytest.approx(1 / 3)},
         "irrelevance": {"items": 1, "successes": 1, "accuracy": 1.0},
     }
+    simple, irrelevance = s["per_category"]["simple_python"], s["per_category"]["irrelevance"]
+    assert (simple["schema_validity_rate"], simple["executable_call_rate"]) == (0.5, 0.5)
+    assert (irrelevance["schema_validity_rate"], irrelevance["executable_call_rate"]) == (1.0, None)
+    assert irrelevance["call_rate"] == 0.0  # it abstained
     assert s["error_types"] == {"http_500": 1, "value_error:others": 1}
     a = be.summarize(RECORDS, "auto")
     assert (a["accuracy"], a["cps_usd"], a["fallback_rate"]) == (0.5, 5.0, 0.5)
@@ -405,6 +411,13 @@ def test_render_table_rows_per_policy_and_category() -> None:
         "|---|---|---|",
         "| slm | 33.3% (3) | 100.0% (1) |",
         "| auto | 50.0% (2) | - |",
+        "",
+        "Per category: validity / executable calls / replies with a call",
+        "",
+        "| policy | simple_python | irrelevance |",
+        "|---|---|---|",
+        "| slm | 50.0% / 50.0% / 0.0% | 100.0% / - / 0.0% |",
+        "| auto | 100.0% / 50.0% / 0.0% | - |",
     ]
 
 
