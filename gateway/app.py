@@ -77,6 +77,8 @@ def create_app(
         if gw.router is None:
             threading.Thread(target=gw.load_models, name="model-loader", daemon=True).start()
         yield
+        if gw.shadows is not None:
+            await gw.shadows.close()
         if gw.ledger is not None:
             await asyncio.to_thread(gw.ledger.close)
         if gw.router is not None:
@@ -127,7 +129,10 @@ def create_app(
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         if gw.router is not None:
-            return JSONResponse({"status": "ready", "models": sorted(gw.router.backends)})
+            body: dict[str, Any] = {"status": "ready", "models": sorted(gw.router.backends)}
+            if gw.shadows is not None:  # shadow answers: submitted, dropped, agreed, ...
+                body["shadow"] = dict(gw.shadows.counts)
+            return JSONResponse(body)
         status = "failed" if gw.load_error else "loading"
         return JSONResponse({"status": status, "error": gw.load_error}, 503)
 

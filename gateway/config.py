@@ -50,6 +50,7 @@ class Limits:
     max_prompt_tokens: int | None = 8192  # per embedded tier; None: the model's context
     grammar_compile_timeout_s: float = 10.0
     grammar_cache_bytes: int = 512 * 1024 * 1024
+    max_shadow_pending: int = 16  # shadow answers in flight; more are dropped (policy: shadow)
     max_schema_bytes: int = 256 * 1024  # one response schema or one tool's parameters
 
     def __post_init__(self) -> None:
@@ -63,6 +64,8 @@ class Limits:
             )
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError("limits: max_prompt_tokens must be >= 1 (or null for the context)")
+        if self.max_shadow_pending < 0:
+            raise ValueError("limits: max_shadow_pending >= 0")
         if self.grammar_compile_timeout_s <= 0 or self.grammar_cache_bytes < 1:
             raise ValueError("limits: grammar_compile_timeout_s > 0, grammar_cache_bytes >= 1")
 

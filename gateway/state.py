@@ -3,6 +3,7 @@ or failed request is written to the ledger and metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -19,7 +20,9 @@ from gateway.guard import KeySlots, bearer_key
 from gateway.metrics import GatewayMetrics
 from router.energy import EnergyMeter
 from router.ledger import Ledger
+from router.route import Route
 from router.router import Answer, Router, Trace, request_record
+from router.shadow import ShadowRunner
 from schemas.errors import OverloadedError, SlmgateError
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ class Gateway:
         self.in_flight = 0
         self.load_error: str | None = None
         self.callers = KeySlots(lambda: self.config.limits.max_concurrent_per_key)
+        self.shadows: ShadowRunner | None = None  # created with the first shadow answer
 
     def load_models(self) -> None:
         """Load every configured model (blocking; runs on a background thread)."""
@@ -116,12 +120,34 @@ class Gateway:
                 if attempt.outcome == "error":
                     kind = (attempt.error or "error").split(":", 1)[0]
                     self.metrics.backend_error(attempt.backend, kind)
+            if answer is not None and self.router is not None:
+                route = self.router.routes.get(trace.route)
+                if route is not None and route.policy == "shadow":
+                    self.shadow_runner().submit(route, req, answer, trace)
             for name, backend in (self.router.backends if self.router else {}).items():
                 breaker = getattr(backend, "breaker", None)
                 if breaker is not None:
                     self.metrics.set_breaker_state(name, breaker.state)
         except Exception:
             log.exception("could not build the ledger record for %s", trace.request_id)
+
+    def shadow_runner(self) -> ShadowRunner:
+        """The background runner of shadow answers (``policy: shadow``), made on first use."""
+        if self.shadows is None:
+            router = self.ready_router()
+
+            async def run(route: Route, req: GenerationRequest, trace: Trace) -> Answer:
+                plan = await router.plan_async(route, req, trace)
+                return await router.complete(plan, req, trace)
+
+            async def label(task_id: str, agreed: bool) -> None:
+                if self.ledger is not None:
+                    await asyncio.to_thread(self.ledger.set_outcome, task_id, agreed)
+
+            self.shadows = ShadowRunner(
+                run, self.record, label, self.config.limits.max_shadow_pending
+            )
+        return self.shadows
 
     def ready_router(self) -> Router:
         if self.router is None:

@@ -10,8 +10,10 @@ from router.confidence import DEFAULT_SIGNAL, SIGNALS, EarlyFallback
 from router.deferral import DeferralRule
 from router.pre import PreRouter
 
-Policy = Literal["single", "cascade", "pre", "pre_cascade"]
-POLICIES: tuple[Policy, ...] = ("single", "cascade", "pre", "pre_cascade")
+# shadow: the top tier answers, the first tier answers the same request in the background
+# (``router.shadow``).
+Policy = Literal["single", "cascade", "pre", "pre_cascade", "shadow"]
+POLICIES: tuple[Policy, ...] = ("single", "cascade", "pre", "pre_cascade", "shadow")
 
 
 @dataclass(frozen=True, slots=True)

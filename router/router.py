@@ -132,6 +132,9 @@ class Router:
     ) -> tuple[int, str | None, int]:
         """(first tier, why earlier tiers are skipped, last tier a too-long prompt may reach)."""
         start, skip = 0, None
+        if route.policy == "shadow":
+            top = len(route.tiers) - 1
+            return top, None, top
         if route.policy in ("pre", "pre_cascade"):
             small_ok, score = route.pre.small_is_enough(req)
             if trace is not None:
