@@ -20,6 +20,7 @@ import yaml
 from decoding.models import DEFAULT_MODELS, ModelSpec
 from router.confidence import EarlyFallback
 from router.deferral import DeferralRule
+from router.memory import MemoryConfig
 from router.pre import PreRouter
 from router.router import Route
 
@@ -116,15 +117,17 @@ def route_from_mapping(data: Mapping[str, Any]) -> Route:
     with ``weights``/``threshold``; ``early_fallback`` takes ``EarlyFallback``'s fields."""
     known = {
         "name", "tiers", "policy", "signal", "threshold", "early_fallback", "pre",
-        "speculation", "stream_commit_tokens", "guided_decoding", "deferral",
+        "speculation", "stream_commit_tokens", "guided_decoding", "deferral", "memory",
     }  # fmt: skip
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"route {data.get('name')!r}: unknown keys {sorted(unknown)}")
-    nested = {"early_fallback", "pre", "deferral"}
+    nested = {"early_fallback", "pre", "deferral", "memory"}
     kwargs: dict[str, Any] = {k: data[k] for k in known & set(data) - nested}
     if "deferral" in data:
         kwargs["deferral"] = DeferralRule.load(data["deferral"])
+    if "memory" in data:
+        kwargs["memory"] = MemoryConfig(**data["memory"])
     kwargs["tiers"] = tuple(data["tiers"])
     if "early_fallback" in data:
         kwargs["early_fallback"] = EarlyFallback(**data["early_fallback"])

@@ -84,6 +84,7 @@ def slmgate_facts(answer: Answer) -> dict[str, Any]:
         "confidence": answer.confidence,
         "signals": answer.signals,
         "fallback_reason": answer.fallback_reason,
+        "memory_examples": list(answer.memory_examples),  # demonstrations the first tier saw
         "forced_tokens": sum(e.forced for c in answer.result.choices for e in c.events),
         "attempts": [
             {

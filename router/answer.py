@@ -48,6 +48,9 @@ class Plan:
     start: int  # tier index to try first
     prepared: dict[int, Any]  # tier index -> the backend's prepare() result
     skip_reason: str | None = None  # why tiers before ``start`` were skipped
+    # per tier, a request that differs from the caller's (escalation memory's demonstrations)
+    requests: dict[int, GenerationRequest] = field(default_factory=dict)
+    memory_examples: tuple[str, ...] = ()  # ids of the demonstrations the first tier was shown
 
     @property
     def last(self) -> int:
@@ -73,6 +76,7 @@ class Answer:
     signals: dict[str, float] = field(default_factory=dict)
     fallback_reason: str | None = None
     attempts: list[AttemptRecord] = field(default_factory=list)
+    memory_examples: tuple[str, ...] = ()  # demonstrations shown to the first tier
 
     @property
     def valid(self) -> bool:

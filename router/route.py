@@ -8,6 +8,7 @@ from typing import Literal
 from decoding.types import Speculation
 from router.confidence import DEFAULT_SIGNAL, SIGNALS, EarlyFallback
 from router.deferral import DeferralRule
+from router.memory import MemoryConfig
 from router.pre import PreRouter
 
 # shadow: the top tier answers, the first tier answers the same request in the background
@@ -33,6 +34,9 @@ class Route:
     # A learned rule (``slmgate calibrate --deferral-out``): per kind of request, it replaces
     # ``signal``/``threshold`` with P(success) from many features and its own threshold.
     deferral: DeferralRule | None = None
+    # Escalation memory (``router.memory``): verified escalated answers as demonstrations for
+    # the first tier of a cascade.
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     stream_commit_tokens: int = 16
 
     def __post_init__(self) -> None:

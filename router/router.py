@@ -24,6 +24,8 @@ fails, the earlier answer is what streams). Both run one loop: ``router.tier_loo
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import replace
@@ -42,6 +44,7 @@ from router.answer import (
 )
 from router.attempt import prepare_on, prepare_on_async
 from router.energy import EnergyMeter
+from router.memory import EscalationMemory, MemoryStore, answer_text, with_demonstrations
 from router.route import POLICIES, Policy, Route
 from router.tier_loop import is_caller_error, run_tiers
 from schemas.errors import ContextLengthError, NotFoundError, OverloadedError
@@ -73,6 +76,8 @@ class Router:
         self.backends = backends
         self.routes = routes
         self.energy = energy
+        self.memory_store: MemoryStore | None = None  # set by the gateway (ledger database)
+        self._memories: dict[str, EscalationMemory] = {}
 
     # ---- resolving and preparing ---------------------------------------------------------
 
@@ -100,11 +105,12 @@ class Router:
         surface as 400s before any byte is sent. Blocking: servers use ``plan_async``."""
         req = self.with_route_settings(route, req)
         start, skip, last = self._first_tier(route, req, trace)
+        requests, shown = self._with_memory(route, req)
         tier = start
         while True:
             try:
-                prepared = prepare_on(self.backend(route, tier), req)
-                return Plan(route, tier, {tier: prepared}, skip)
+                prepared = prepare_on(self.backend(route, tier), requests.get(tier, req))
+                return Plan(route, tier, {tier: prepared}, skip, requests, shown)
             except ContextLengthError:
                 if tier >= last:
                     raise
@@ -116,11 +122,13 @@ class Router:
         """``plan`` on the event loop: a grammar compile is awaited without holding a thread."""
         req = self.with_route_settings(route, req)
         start, skip, last = self._first_tier(route, req, trace)
+        requests, shown = self._with_memory(route, req)
         tier = start
         while True:
             try:
-                prepared = await prepare_on_async(self.backend(route, tier), req)
-                return Plan(route, tier, {tier: prepared}, skip)
+                backend = self.backend(route, tier)
+                prepared = await prepare_on_async(backend, requests.get(tier, req))
+                return Plan(route, tier, {tier: prepared}, skip, requests, shown)
             except ContextLengthError:
                 if tier >= last:
                     raise
@@ -143,6 +151,39 @@ class Router:
                 start, skip = len(route.tiers) - 1, "pre_router"
         last = len(route.tiers) - 1 if route.cascades or route.policy == "pre" else start
         return start, skip, last
+
+    def memory(self, route: Route) -> EscalationMemory | None:
+        """The route's escalation memory: cascades with ``memory.enabled`` only."""
+        if not (route.memory.enabled and route.cascades):
+            return None
+        memory = self._memories.get(route.name)
+        if memory is None:
+            memory = EscalationMemory(route.name, route.memory, self.memory_store)
+            self._memories[route.name] = memory
+        return memory
+
+    def _with_memory(
+        self, route: Route, req: GenerationRequest
+    ) -> tuple[dict[int, GenerationRequest], tuple[str, ...]]:
+        """The first tier's request with its demonstrations, and which were shown."""
+        memory = self.memory(route)
+        examples = memory.recall(req) if memory is not None else []
+        if not examples:
+            return {}, ()
+        return {0: with_demonstrations(req, examples)}, tuple(e.id for e in examples)
+
+    def learn(self, plan: Plan, req: GenerationRequest, answer: Answer) -> None:
+        """Keep an escalated request's answer when a later tier gave it and it checks out
+        (valid, and executable when it calls tools). Called once the caller has it."""
+        memory = self.memory(plan.route)
+        if memory is None or answer.fallback_reason is None:
+            return
+        if answer.backend.name == plan.route.tiers[0] or not answer.valid:
+            return
+        if answer.executable is False:
+            return
+        memory.add(req, answer_text(answer.checks[0], answer.result.choices[0].text),
+                   time.time())  # fmt: skip
 
     def with_route_settings(self, route: Route, req: GenerationRequest) -> GenerationRequest:
         """Apply the route's speculation (unless the request chose one) and guided decoding."""
@@ -170,6 +211,8 @@ class Router:
                 if isinstance(item, Answer):
                     answer = item
         assert answer is not None, "the tier loop ends with an answer or an error"
+        answer.memory_examples = plan.memory_examples
+        await asyncio.to_thread(self.learn, plan, self.with_route_settings(plan.route, req), answer)
         return answer
 
     def streams_tokens(self, plan: Plan, req: GenerationRequest) -> bool:
@@ -190,6 +233,10 @@ class Router:
         async with aclosing(self._tiers(plan, req, trace, streaming=True)) as items:
             async for item in items:
                 if isinstance(item, Answer):
+                    item.memory_examples = plan.memory_examples
                     trace.answer = item
                 else:
                     yield item
+        if trace.answer is not None:
+            routed = self.with_route_settings(plan.route, req)
+            await asyncio.to_thread(self.learn, plan, routed, trace.answer)

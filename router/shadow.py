@@ -122,12 +122,12 @@ class ShadowRunner:
         if agreed is None:
             self.counts["unjudged"] += 1
             return
-        self.counts["agreed" if agreed else "disagreed"] += 1
         if self.label is not None:
             try:
                 await self.label(task_id, agreed)
             except Exception:
                 log.exception("could not label shadow task %s", task_id)
+        self.counts["agreed" if agreed else "disagreed"] += 1  # counted once labelled
 
     async def close(self) -> None:
         """Cancel what is still running (server shutdown)."""

@@ -118,12 +118,14 @@ async def run_tiers(
     attempt's held-back events are released when it is accepted, and a kept earlier answer's
     when the request falls back to it."""
     route = plan.route
+    caller_req = req
     reason = plan.skip_reason
     kept: Attempt | None = None  # best finished, escalated attempt so far
     cut_short: int | None = None  # a tier whose attempt early fallback aborted
     queue = [(tier, tier == plan.last) for tier in range(plan.start, plan.last + 1)]
     for tier, final in queue:  # grows by one when a cut-short tier reruns (below)
         att = Attempt(route, backends[tier], trace, final, energy, plan.prepared.get(tier))
+        req = plan.requests.get(tier, caller_req)
         window = commit_window(route, final=att.final, fallback=kept is not None,
                                streaming=streaming)  # fmt: skip
         if streaming:

@@ -103,6 +103,19 @@ tasks_table = sa.Table(
     sa.Index("ix_tasks_created_at", "created_at"),
 )
 
+# Escalation memory (router.memory): verified answers shown to a route's small model later.
+memory_table = sa.Table(
+    "memory_examples",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column("route", sa.String, nullable=False),
+    sa.Column("tools", sa.String, nullable=False),  # JSON list of tool names
+    sa.Column("prompt", sa.Text, nullable=False),
+    sa.Column("answer", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Index("ix_memory_route_created_at", "route", "created_at"),
+)
+
 REQUEST_FIELDS = [c.name for c in requests_table.columns]
 ATTEMPT_FIELDS = [c.name for c in attempts_table.columns]
 

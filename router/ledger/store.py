@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from router.ledger import queries, summary
+from router.ledger.memory_store import SqlMemoryStore
 from router.ledger.outcomes import outcome_update, outcome_upsert, task_upsert
 from router.ledger.rows import batch_rows
 from router.ledger.schema import attempts_table, create_schema, make_engine, requests_table
@@ -153,6 +154,10 @@ class Ledger:
             with self._engine.begin() as conn:
                 create_schema(conn)
             self._schema_ready = True
+
+    def memory_store(self) -> SqlMemoryStore:
+        """Escalation memory kept in this ledger's database."""
+        return SqlMemoryStore(self._engine)
 
     # ---- reads -------------------------------------------------------------------------------
 
