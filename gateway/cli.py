@@ -1,4 +1,4 @@
-"""The ``slmgate`` command: serve, models, bench, calibrate, eval."""
+"""The ``slmgate`` command: serve, models, bench, calibrate, replay, eval."""
 
 from __future__ import annotations
 
@@ -174,6 +174,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from benchmarks.replay_run import main as replay_main
+
+    result: int = replay_main(args.rest)
+    return result
+
+
 def _eval(args: argparse.Namespace) -> int:
     from benchmarks.bfcl_eval import main as bfcl_main
 
@@ -220,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="also fit a learned deferral rule per request kind; write it here")
     cal.add_argument("--json", default=None, help="write the results as JSON")
     cal.set_defaults(func=_calibrate)
+
+    rp = sub.add_parser("replay", help="audit what a route would have done on logged requests",
+                        add_help=False)  # fmt: skip
+    rp.add_argument("rest", nargs=argparse.REMAINDER)
+    rp.set_defaults(func=_replay)
 
     ev = sub.add_parser("eval", help="evaluate routing policies: bfcl")
     ev.add_argument("what", choices=["bfcl"])
