@@ -15,6 +15,9 @@ from decoding.constraint import Constraint, JsonObject, JsonSchema, NoConstraint
 from decoding.tool_parser import ParsedOutput, parse_tool_calls
 from schemas.jsonschema_utils import validation_errors
 
+# How a tool call starts in every form the tool grammar allows (``decoding.tool_grammar``).
+CALL_STARTS = ("{", "[", "<tool_call>", "```json")
+
 
 @dataclass(frozen=True, slots=True)
 class OutputCheck:
@@ -51,6 +54,9 @@ def check_output(constraint: Constraint, text: str) -> OutputCheck:
     if not parsed.tool_calls:
         if constraint.mode != "auto":
             errors_list.append("no tool call, but tool_choice requires one")
+        elif constraint.final is None and text.lstrip().startswith(CALL_STARTS):
+            # The grammar lets text start with none of these: this is a call cut short.
+            errors_list.append("an unfinished tool call (cut at max_tokens?)")
         elif constraint.final is not None:
             schema = (
                 constraint.final.schema
