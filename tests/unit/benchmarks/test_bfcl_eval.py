@@ -635,3 +635,17 @@ def test_simulate_cascade_from_single_tier_records() -> None:
     assert sim["total_cost_usd"] == pytest.approx(3 * 1.0 + 2 * 4.0)
     assert sim["cps_usd"] == pytest.approx(11.0 / 2)
     assert be.simulate_cascade(records[:1], "mean_prob", 0.5) is None
+
+
+def test_tool_forms_classes_and_first_call_end() -> None:
+    from benchmarks.tool_forms import after_class, end_of_first_call, first_class
+
+    assert [first_class(t) for t in ("```", "{\n", '{"', "[\n", "<", "To", " The")] == [
+        "fence", "bare", "bare", "array", "tag", "text", "text"]  # fmt: skip
+    after = ('{"', "\n{", ",{", "```", "]", "<tool_call>", "Hi")
+    assert [after_class(t, False) for t in after] == [
+        "another_call", "another_call", "another_call", "stop", "stop", "another_call", "other"]
+    assert after_class("", True) == "stop"
+    text = '```json\n{"name": "f", "arguments": {"s": "}{"}}\n{"name": "g"}'
+    assert text[: end_of_first_call(text)].endswith('"}{"}}')
+    assert end_of_first_call("no call") is None
