@@ -140,6 +140,10 @@ def run(args: argparse.Namespace) -> list[ItemReport]:
             report.first = grouped(next_probs(""), first_classes, FIRST)
             end = end_of_first_call(texts[0])
             if end is not None:
+                # Read past the closing "}}" and a newline: the tokenizer merges "}}\n" into one
+                # token, so the choice between another call and stopping comes after it.
+                while end < len(texts[0]) and texts[0][end] in "}\n" and texts[0][end - 1] != "\n":
+                    end += 1
                 report.after_first_call = grouped(next_probs(texts[0][:end]), after_classes, AFTER)
             reports.append(report)
             print(json.dumps({k: v for k, v in vars(report).items() if k not in ("free",)})[:400],
