@@ -216,8 +216,13 @@ class Ledger:
         start = None if window_s is None else end - float(window_s)
         return self._read(lambda conn: queries.tasks(conn, limit, start, end, route))
 
-    def task(self, task_id: str) -> dict[str, Any] | None:
-        """One task with its requests (oldest first), each with its attempts; None if unknown."""
+    def task(self, task_id: str, wait_s: float = 5.0) -> dict[str, Any] | None:
+        """One task with its requests (oldest first), each with its attempts; None if unknown.
+
+        Reads its own writes: while a request of the task is still queued for the writer, the
+        queue is flushed first (at most ``wait_s``), so a task answered a moment ago is found."""
+        if self._writer.is_pending(task_id):
+            self.flush(timeout=wait_s)
         return self._read(lambda conn: queries.task(conn, task_id))
 
     def calibration_rows(

@@ -158,7 +158,7 @@ async def test_task_outcome_endpoint_validates_its_body(tmp_path: Path) -> None:
             assert ok.json() == {"object": "task.outcome", "task_id": "t1", "success": True,
                                  "score": None, "recorded": True}  # fmt: skip
             task = await client.get("/v1/tasks/t1")
-            assert task.json()["success"] is True
+            assert task.json()["success"] is True, task.text
             missing = await client.get("/v1/tasks/nope")
             assert missing.status_code == 404
             window = await client.get("/v1/stats", params={"window": "soon"})
