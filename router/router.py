@@ -212,7 +212,9 @@ class Router:
                     answer = item
         assert answer is not None, "the tier loop ends with an answer or an error"
         answer.memory_examples = plan.memory_examples
-        await asyncio.to_thread(self.learn, plan, self.with_route_settings(plan.route, req), answer)
+        if self.memory(plan.route) is not None:  # a database write: off the event loop
+            routed = self.with_route_settings(plan.route, req)
+            await asyncio.to_thread(self.learn, plan, routed, answer)
         return answer
 
     def streams_tokens(self, plan: Plan, req: GenerationRequest) -> bool:
@@ -237,6 +239,6 @@ class Router:
                     trace.answer = item
                 else:
                     yield item
-        if trace.answer is not None:
+        if trace.answer is not None and self.memory(plan.route) is not None:
             routed = self.with_route_settings(plan.route, req)
             await asyncio.to_thread(self.learn, plan, routed, trace.answer)
