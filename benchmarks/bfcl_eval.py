@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,32 +302,34 @@ def render_table(summaries: Sequence[dict[str, Any]], categories: Sequence[str])
             f"| {_sec(s['p95_latency_s'])} | {_usd(s['mean_cost_usd'])} "
             f"| {s['prompt_tokens']}/{s['completion_tokens']} | {s['request_errors']} |"
         )
-    lines += [
-        "",
-        "| policy | " + " | ".join(categories) + " |",
-        "|" + "---|" * (1 + len(categories)),
-    ]
-    for s in summaries:
-        cells = []
-        for c in categories:
-            got = s["per_category"].get(c)
-            cells.append("-" if got is None else f"{_pct(got['accuracy'])} ({got['items']})")
-        lines.append(f"| {s['policy']} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Per category: validity / executable calls / replies with a call",
-        "",
-        "| policy | " + " | ".join(categories) + " |",
-        "|" + "---|" * (1 + len(categories)),
-    ]
-    for s in summaries:
-        cells = []
-        for c in categories:
-            got = s["per_category"].get(c)
-            rates = ("schema_validity_rate", "executable_call_rate", "call_rate")
-            cells.append("-" if got is None else " / ".join(_pct(got.get(r)) for r in rates))
-        lines.append(f"| {s['policy']} | " + " | ".join(cells) + " |")
+    lines += ["", *_category_table(summaries, categories, _accuracy_cell)]
+    lines += ["", "Per category: validity / executable calls / replies with a call", ""]
+    lines += _category_table(summaries, categories, _rates_cell)
     return "\n".join(lines)
+
+
+def _accuracy_cell(got: dict[str, Any]) -> str:
+    return f"{_pct(got['accuracy'])} ({got['items']})"
+
+
+def _rates_cell(got: dict[str, Any]) -> str:
+    rates = ("schema_validity_rate", "executable_call_rate", "call_rate")
+    return " / ".join(_pct(got.get(r)) for r in rates)
+
+
+def _category_table(
+    summaries: Sequence[dict[str, Any]],
+    categories: Sequence[str],
+    cell: Callable[[dict[str, Any]], str],
+) -> list[str]:
+    """A Markdown table, a row per policy and a column per category (``-``: no items)."""
+    lines = ["| policy | " + " | ".join(categories) + " |", "|" + "---|" * (1 + len(categories))]
+    for s in summaries:
+        cells = [
+            "-" if (got := s["per_category"].get(c)) is None else cell(got) for c in categories
+        ]
+        lines.append(f"| {s['policy']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def simulate_cascade(

@@ -72,9 +72,12 @@ def _several(tags: list[Format], separator: str, parallel: bool) -> Format:
     }
 
 
+def _tagged(tools: tuple[ToolSpec, ...]) -> list[Format]:
+    return [_call_tag(t, TAG_OPEN + "\n", "\n" + TAG_CLOSE) for t in tools]
+
+
 def _tagged_calls(tools: tuple[ToolSpec, ...], parallel: bool) -> Format:
-    tags = [_call_tag(t, TAG_OPEN + "\n", "\n" + TAG_CLOSE) for t in tools]
-    return _several(tags, CALL_SEPARATOR, parallel)
+    return _several(_tagged(tools), CALL_SEPARATOR, parallel)
 
 
 def _bare_calls(tools: tuple[ToolSpec, ...], parallel: bool) -> Format:
@@ -109,7 +112,7 @@ def _text_with_tagged_calls(tools: tuple[ToolSpec, ...], parallel: bool) -> Form
     The text may not start where a call form starts (``TEXT_START``), so a leading call is
     always fully constrained; a ``<tool_call>`` may also come first, with no text before it.
     """
-    tags = [_call_tag(t, TAG_OPEN + "\n", "\n" + TAG_CLOSE) for t in tools]
+    tags = _tagged(tools)
 
     def triggered(at_least_one: bool) -> Format:
         return {

@@ -55,6 +55,8 @@ class Gateway:
         self.load_error: str | None = None
         self.callers = KeySlots(lambda: self.config.limits.max_concurrent_per_key)
         self.shadows: ShadowRunner | None = None  # created with the first shadow answer
+        if router is not None:
+            self.attach_memory(router)
 
     def load_models(self) -> None:
         """Load every configured model (blocking; runs on a background thread)."""
@@ -75,12 +77,24 @@ class Gateway:
                 for m in self.config.models
             }  # fmt: skip
             routes = {r.name: r for r in self.config.routes}
-            self.router = Router(backends, routes, EnergyMeter())
+            router = Router(backends, routes, EnergyMeter())
+            self.attach_memory(router)
+            self.router = router
             log.info("ready: models %s, routes %s", sorted(backends),
                      [r.name for r in self.config.routes])  # fmt: skip
         except Exception as exc:  # reported by /readyz and every request
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("model loading failed")
+
+    def attach_memory(self, router: Router) -> None:
+        """Keep escalation memory in the ledger's database; without a ledger, or while it is
+        down, routes keep their examples in memory only."""
+        if self.ledger is None or not any(r.memory.enabled for r in router.routes.values()):
+            return
+        try:
+            router.use_memory_store(self.ledger.memory_store())
+        except Exception:
+            log.exception("escalation memory: the ledger database is unavailable; not persisted")
 
     def enter(self) -> None:
         """Count one more request in flight (the overload check and /metrics read it)."""

@@ -177,7 +177,7 @@ class Attempt:
         if per_choice:
             self.signals.update(per_choice[0])
         rule, kind = self.route.deferral, kind_of(req.constraint)
-        if rule is not None and per_choice and rule.p_success(kind, {}) is not None:
+        if rule is not None and per_choice and rule.covers(kind):
             # The least likely choice decides (n > 1); a rule replaces the single signal.
             self.confidence = min(rule.p_success(kind, f) or 0.0 for f in per_choice)
             self.signals["deferral"] = self.confidence

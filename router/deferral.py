@@ -199,6 +199,9 @@ class DeferralRule:
 
     models: Mapping[str, LogisticModel] = field(default_factory=dict)
 
+    def covers(self, kind: Kind) -> bool:
+        return kind in self.models
+
     def p_success(self, kind: Kind, values: Mapping[str, float]) -> float | None:
         model = self.models.get(kind)
         return None if model is None else model.p_success(values)

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from decoding.chat_template import text_of
 from decoding.types import GenerationRequest
 from decoding.validate import OutputCheck
 
@@ -81,11 +82,7 @@ def similarity(tools: Sequence[str], prompt: str, example: MemoryExample) -> flo
 def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
     for m in reversed(messages):
         if m.get("role") == "user":
-            content = m.get("content")
-            if isinstance(content, str):
-                return content
-            if isinstance(content, list):
-                return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return text_of(m.get("content"))
     return ""
 
 
@@ -128,8 +125,7 @@ def with_demonstrations(
     messages = [dict(m) for m in req.messages]
     if messages and messages[0].get("role") in ("system", "developer"):
         first = messages[0]
-        content = first.get("content")
-        base = content if isinstance(content, str) else last_user_text([{**first, "role": "user"}])
+        base = text_of(first.get("content"))
         first["content"] = (base + "\n\n" + text) if base else text
     else:
         messages.insert(0, {"role": "system", "content": text})

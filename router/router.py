@@ -76,7 +76,7 @@ class Router:
         self.backends = backends
         self.routes = routes
         self.energy = energy
-        self.memory_store: MemoryStore | None = None  # set by the gateway (ledger database)
+        self._memory_store: MemoryStore | None = None
         self._memories: dict[str, EscalationMemory] = {}
 
     # ---- resolving and preparing ---------------------------------------------------------
@@ -152,13 +152,21 @@ class Router:
         last = len(route.tiers) - 1 if route.cascades or route.policy == "pre" else start
         return start, skip, last
 
+    def use_memory_store(self, store: MemoryStore) -> None:
+        """Persist escalation memory in ``store`` and load every memory route's examples now
+        (blocking: call it while starting up, not on the event loop)."""
+        self._memory_store = store
+        self._memories.clear()
+        for route in self.routes.values():
+            self.memory(route)
+
     def memory(self, route: Route) -> EscalationMemory | None:
         """The route's escalation memory: cascades with ``memory.enabled`` only."""
         if not (route.memory.enabled and route.cascades):
             return None
         memory = self._memories.get(route.name)
         if memory is None:
-            memory = EscalationMemory(route.name, route.memory, self.memory_store)
+            memory = EscalationMemory(route.name, route.memory, self._memory_store)
             self._memories[route.name] = memory
         return memory
 

@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from router.ledger.schema import create_schema, memory_table, upsert
+from router.ledger.schema import memory_table, upsert
 from router.memory import MemoryExample
 
 
 class SqlMemoryStore:
-    """``MemoryStore`` on the ledger's engine (SQLite or PostgreSQL)."""
+    """``MemoryStore`` on the ledger's engine (SQLite or PostgreSQL); ``ensure_schema`` is the
+    ledger's own (it creates ``memory_examples`` with the other tables, once)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, ensure_schema: Callable[[], None]):
         self._engine = engine
         self._dialect = engine.dialect.name
-        self._ready = False
-
-    def _ensure(self) -> None:
-        if not self._ready:
-            with self._engine.begin() as conn:
-                create_schema(conn)
-            self._ready = True
+        self._ensure = ensure_schema
 
     def load(self, route: str, limit: int) -> list[MemoryExample]:
         """The route's newest ``limit`` examples, oldest first."""

@@ -157,7 +157,7 @@ class Ledger:
 
     def memory_store(self) -> SqlMemoryStore:
         """Escalation memory kept in this ledger's database."""
-        return SqlMemoryStore(self._engine)
+        return SqlMemoryStore(self._engine, self._ensure_schema)
 
     # ---- reads -------------------------------------------------------------------------------
 

@@ -136,3 +136,20 @@ async def test_a_cascade_learns_from_an_escalation_and_shows_it_next_time() -> N
     assert shown["role"] == "system"
     assert "Request: weather in Paris\nAnswer:\n<tool_call>" in shown["content"]
     assert all(len(r.messages) == 1 for r in llm.seen)  # the large tier gets the caller's request
+
+
+def test_the_gateway_keeps_memory_in_the_ledger_database(tmp_path: Path) -> None:
+    from gateway.config import GatewayConfig
+    from gateway.metrics import GatewayMetrics
+    from gateway.state import Gateway
+
+    route = Route("auto", ("slm", "llm"), policy="cascade", memory=MemoryConfig(enabled=True))
+    slm, llm = Scripted("slm", "slm", tokens(CALL, 0.2)), Scripted("llm", "llm", tokens(CALL, 1))
+    router = Router({"slm": slm, "llm": llm}, {"auto": route})
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.sqlite3'}")
+    Gateway(GatewayConfig(routes=(route,), ledger_url="off"), router, ledger, GatewayMetrics())
+    memory = router.memory(route)
+    assert memory is not None
+    memory.add(request("weather in Paris"), "x", now=1.0)
+    again = EscalationMemory("auto", route.memory, ledger.memory_store())
+    assert [e.answer for e in again.recall(request("weather in Paris today"))] == ["x"]
