@@ -77,3 +77,7 @@ class Regex:
 
 
 Constraint = NoConstraint | JsonObject | JsonSchema | ToolCalls | Regex
+
+# Which engine compiles a constraint into a grammar (``decoding.engine_choice``).
+GrammarEngine = Literal["auto", "xgrammar", "llguidance"]
+GRAMMAR_ENGINES: tuple[GrammarEngine, ...] = ("auto", "xgrammar", "llguidance")

@@ -40,6 +40,7 @@ from decoding.grammar import (
     shared_grammar_cache,
 )
 from decoding.grammar_compile import GrammarLimits
+from decoding.grammar_state import GrammarEngine
 from decoding.loader import LoadedModel
 from decoding.prefix_cache import PrefixCache
 from decoding.sampling import Pick, pick_token
@@ -114,6 +115,7 @@ class EngineConfig:
     prefix_cache_tokens: int = 32768
     suffix: SuffixConfig = field(default_factory=SuffixConfig)
     stand: StandConfig = field(default_factory=StandConfig)
+    grammar_engine: GrammarEngine = "auto"  # for requests that name none
 
     def __post_init__(self) -> None:
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
@@ -166,7 +168,7 @@ class EmbeddedEngine:
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
         self.grammars = GrammarCompiler.for_hf_tokenizer(
             self.tokenizer, self.vocab_size, self.stop_ids, limits=config.grammar_limits,
-            cache=shared_grammar_cache(config.grammar_limits),
+            cache=shared_grammar_cache(config.grammar_limits), default_engine=config.grammar_engine,
         )  # fmt: skip
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.info = BackendInfo(
@@ -220,7 +222,9 @@ class EmbeddedEngine:
         (the grammar's within ``grammar_limits.compile_timeout_s``)."""
         prompt_ids, max_new_tokens = self._check_prompt(req)
         grammar = (
-            self.grammars.compile(req.constraint, param=_grammar_param(req)) if req.guided else None
+            self.grammars.compile(req.constraint, _grammar_param(req), req.grammar_engine)
+            if req.guided
+            else None
         )
         return PreparedRequest(req, prompt_ids, grammar, max_new_tokens)
 
@@ -230,7 +234,9 @@ class EmbeddedEngine:
         prompt_ids, max_new_tokens = await asyncio.to_thread(self._check_prompt, req)
         grammar = None
         if req.guided:
-            grammar = await self.grammars.compile_async(req.constraint, param=_grammar_param(req))
+            grammar = await self.grammars.compile_async(
+                req.constraint, _grammar_param(req), req.grammar_engine
+            )
         return PreparedRequest(req, prompt_ids, grammar, max_new_tokens)
 
     def _check_prompt(self, req: GenerationRequest) -> tuple[list[int], int]:

@@ -12,7 +12,9 @@ import torch
 
 from decoding.backend import Backend
 from decoding.engine import EmbeddedEngine, EngineConfig
+from decoding.engine_choice import parse_grammar_engine
 from decoding.grammar_compile import GrammarLimits
+from decoding.grammar_state import GRAMMAR_ENGINES
 from decoding.loader import LoadedModel, default_cache_dir, load_gguf_source, load_model_dir
 from decoding.openai_compat import OpenAICompatBackend, RemoteConfig
 from decoding.resilience import RetryPolicy
@@ -97,6 +99,7 @@ class ModelSpec:
     spec_max_draft: int = 16
     prefix_cache_tokens: int = 32768  # embedded: prompt rows kept for reuse (0: off)
     max_prompt_tokens: int | None = None  # embedded: longer prompts skip to the next tier
+    grammar_engine: str = "auto"  # embedded: auto, xgrammar or llguidance (decoding.engine_choice)
 
     def __post_init__(self) -> None:
         prices = (
@@ -144,6 +147,10 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: prefix_cache_tokens must be >= 0")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"model {self.name!r}: max_prompt_tokens must be >= 1 (or null)")
+        if self.grammar_engine not in GRAMMAR_ENGINES:
+            raise ValueError(
+                f"model {self.name!r}: grammar_engine must be one of {', '.join(GRAMMAR_ENGINES)}"
+            )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16: {self.dtype!r}")
         if not self.source.startswith("builtin:") and not Path(self.source).exists():
@@ -234,6 +241,7 @@ def load_engine(
         speculation=spec.speculation,
         spec_max_draft=spec.spec_max_draft,
         prefix_cache_tokens=spec.prefix_cache_tokens,
+        grammar_engine=parse_grammar_engine(spec.grammar_engine),
     )
     return EmbeddedEngine(loaded, config)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from decoding.constraint import Constraint, NoConstraint
+from decoding.constraint import Constraint, GrammarEngine, NoConstraint
 from schemas.errors import InvalidRequestError
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
@@ -65,6 +65,10 @@ class GenerationRequest:
     # set by a route's ``guided_decoding``. Embedded engines only: a remote server decodes as it
     # is configured to.
     guided: bool = True
+    # Which grammar engine compiles the constraint (embedded engines); None: the model's own.
+    grammar_engine: GrammarEngine | None = None
+    # What to do with an output that breaks its schema (``router.invalid``); None: the route's.
+    on_invalid: Literal["flag", "error", "escalate"] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,10 @@ from typing import Any, cast
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from decoding.engine_choice import parse_grammar_engine
 from decoding.types import GenerationRequest, SamplingParams, Speculation
 from gateway.config import Limits
+from router.invalid import parse_on_invalid
 from router.stats import parse_window
 from schemas.chat import ChatCompletionRequest, ErrorResponse
 from schemas.errors import (
@@ -174,6 +176,23 @@ def window_seconds(window: str) -> float | None:
 
 
 SPECULATION_MODES = ("none", "suffix", "stand", "both")
+
+
+EXTENSION_FIELDS = ("speculation", "grammar_engine", "on_invalid")
+
+
+def extensions_of(wire: ChatCompletionRequest, req: GenerationRequest) -> GenerationRequest:
+    """``req`` with the request's slmgate extension fields (sent like vLLM's extra sampling
+    fields, e.g. ``extra_body`` in the openai SDK): ``speculation``, ``grammar_engine`` and
+    ``on_invalid``; a bad value is a 400 naming the field."""
+    extra = wire.model_extra or {}
+    engine, on_invalid = extra.get("grammar_engine"), extra.get("on_invalid")
+    return replace(
+        req,
+        speculation=speculation_of(wire),
+        grammar_engine=None if engine is None else parse_grammar_engine(engine),
+        on_invalid=None if on_invalid is None else parse_on_invalid(on_invalid),
+    )
 
 
 def speculation_of(wire: ChatCompletionRequest) -> Speculation | None:

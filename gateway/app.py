@@ -23,13 +23,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.admission import (
+    EXTENSION_FIELDS,
     bounded_params,
     check_schema_sizes,
     check_task_id,
+    extensions_of,
     parse_outcome,
     parse_request,
     read_body,
-    speculation_of,
     task_id_of,
     window_seconds,
 )
@@ -153,15 +154,15 @@ def create_app(
         body = await read_body(request, limits.max_body_bytes)
         wire = parse_request(body, limits)
         check_schema_sizes(wire, limits)
-        ignored = [f for f in wire.ignored_fields() if f != "speculation"]
+        ignored = [f for f in wire.ignored_fields() if f not in EXTENSION_FIELDS]
         if ignored:
             log.info("ignored request fields: %s", ", ".join(ignored))
         router = gw.ready_router()
         route = router.resolve(wire.model)
         task_id = task_id_of(request, wire)
         req = generation_request(wire, "chatcmpl-" + secrets.token_hex(12), task_id)
-        req = replace(req, speculation=speculation_of(wire), params=bounded_params(wire, req,
-                                                                                      limits))
+        req = extensions_of(wire, req)
+        req = replace(req, params=bounded_params(wire, req, limits))
         if gw.in_flight >= limits.max_queue:
             raise OverloadedError("too many requests in flight; retry shortly")
         caller = gw.caller(request)

@@ -96,6 +96,7 @@ def slmgate_facts(answer: Answer) -> dict[str, Any]:
                 "cost_usd": round(a.cost_usd, 10),
                 "latency_s": round(a.latency_s, 4),
                 "compute_s": None if a.compute_s is None else round(a.compute_s, 4),
+                "grammar_engine": a.grammar_engine,
                 "error": a.error,
                 "energy_j": None if a.energy_j is None else round(a.energy_j, 4),
                 "energy": None if a.energy_j is None else (

@@ -54,6 +54,11 @@ async def prepare_on_async(backend: Any, req: GenerationRequest) -> Any:
     return await asyncio.to_thread(prepare_on, backend, req)
 
 
+def grammar_engine_of(prepared: Any) -> str | None:
+    """The engine that compiled a prepared request's grammar; None without one."""
+    return getattr(getattr(prepared, "grammar", None), "engine", None)
+
+
 def prompt_tokens_of(prepared: Any) -> int:
     """Prompt length from a prepared request: an attempt cut off before its first event never
     reports it, but its prefill was still paid for."""
@@ -243,6 +248,7 @@ class Attempt:
             outcome=outcome,
             fallback_reason=reason,
             task_id=trace.task_id,
+            grammar_engine=grammar_engine_of(self.prepared),
         )
         specs = [c.spec for c in result.choices if c.spec is not None]
         if specs:

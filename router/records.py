@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-AttemptOutcome = Literal["accepted", "escalated", "aborted", "error", "cancelled"]
+AttemptOutcome = Literal[
+    "accepted", "escalated", "aborted", "error", "cancelled", "resampled", "rejected"
+]
 
 
 @dataclass(slots=True)
@@ -19,7 +21,9 @@ class AttemptRecord:
     ``outcome``: ``accepted`` (this attempt answered the request), ``escalated`` (finished but
     judged unsure or invalid, so the next tier ran), ``aborted`` (stopped mid-generation by
     early fallback), ``error`` (the backend failed; ``error`` says how), ``cancelled`` (cut off
-    by a client disconnect or a deadline; ``error`` says which). Every outcome carries the tokens
+    by a client disconnect or a deadline; ``error`` says which), ``resampled`` (finished but
+    invalid, so the same tier sampled again), ``rejected`` (finished but invalid, and the
+    request failed with ``invalid_output`` rather than return it). Every outcome carries the tokens
     the attempt consumed up to its end, and their cost.
     """
 
@@ -51,6 +55,8 @@ class AttemptRecord:
     energy_j: float | None = None
     energy_measured: bool = False
     task_id: str | None = None
+    # The engine whose grammar constrained it (xgrammar, llguidance, outlines-regex); None: none.
+    grammar_engine: str | None = None
 
 
 @dataclass(slots=True)

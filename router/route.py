@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from decoding.constraint import GRAMMAR_ENGINES, GrammarEngine
 from decoding.types import Speculation
 from router.confidence import DEFAULT_SIGNAL, SIGNALS, EarlyFallback
 from router.deferral import DeferralRule
+from router.invalid import DEFAULT_MAX_RESAMPLES, MAX_RESAMPLES, ON_INVALID, OnInvalid
 from router.memory import MemoryConfig
 from router.pre import PreRouter
 
@@ -38,6 +40,12 @@ class Route:
     # the first tier of a cascade.
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     stream_commit_tokens: int = 16
+    # Structured outputs (``router.invalid``): the grammar engine for requests that name none
+    # (None: each model's own), what to do with an output that breaks its schema (None: error
+    # for strict requests, flag otherwise) and how often the last tier samples again first.
+    grammar_engine: GrammarEngine | None = None
+    on_invalid: OnInvalid | None = None
+    max_resamples: int = DEFAULT_MAX_RESAMPLES
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -52,6 +60,14 @@ class Route:
             raise ValueError(f"route {self.name!r}: threshold must be in [0, 1]")
         if self.stream_commit_tokens < 0:
             raise ValueError(f"route {self.name!r}: stream_commit_tokens must be >= 0")
+        if self.grammar_engine is not None and self.grammar_engine not in GRAMMAR_ENGINES:
+            raise ValueError(
+                f"route {self.name!r}: grammar_engine must be one of {GRAMMAR_ENGINES}"
+            )
+        if self.on_invalid is not None and self.on_invalid not in ON_INVALID:
+            raise ValueError(f"route {self.name!r}: on_invalid must be one of {ON_INVALID}")
+        if not 0 <= self.max_resamples <= MAX_RESAMPLES:
+            raise ValueError(f"route {self.name!r}: max_resamples must be in [0, {MAX_RESAMPLES}]")
 
     @property
     def cascades(self) -> bool:

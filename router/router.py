@@ -199,6 +199,8 @@ class Router:
             req = replace(req, speculation=route.speculation)
         if not route.guided_decoding:
             req = replace(req, guided=False)
+        if req.grammar_engine is None and route.grammar_engine is not None:
+            req = replace(req, grammar_engine=route.grammar_engine)
         return req
 
     # ---- running a plan ------------------------------------------------------------------

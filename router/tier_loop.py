@@ -8,6 +8,8 @@ the small pure functions below:
 * ``commit_window``: how much of an attempt is held back before the caller sees it.
 * ``escalation_reason`` / ``after_finish``: accept a finished attempt, hand over to the next
   tier, or fall back to a valid earlier answer when the last one is invalid.
+* ``invalid_at_end``: a last-tier output that broke its schema is sampled again, escalated or
+  refused as ``router.invalid`` says, never returned silently where validity was promised.
 * ``after_error``: on a failure, the next tier, the earlier answer, or the error itself —
   except that when the tier escalated to fails and the only earlier attempt was cut short by
   early fallback, that tier runs once more to its end (an answer beats a 503).
@@ -22,14 +24,16 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any, Literal
 
+from decoding.constraint import ToolCalls
 from decoding.types import GenerationRequest
 from router.answer import Answer, Plan, Trace, executable_of
 from router.attempt import Attempt, Event, is_cancellation
 from router.cost import counterfactual_cost
 from router.energy import EnergyMeter
+from router.invalid import constrained, invalid_policy, resample_request
 from router.records import AttemptOutcome
 from router.route import Route
-from schemas.errors import ContextLengthError, SlmgateError
+from schemas.errors import ContextLengthError, InvalidOutputError, SlmgateError
 
 Step = Literal["accept", "next", "fall_back", "raise"]
 
@@ -44,11 +48,13 @@ def is_caller_error(exc: BaseException) -> bool:
     )
 
 
-def commit_window(route: Route, *, final: bool, fallback: bool, streaming: bool) -> int | None:
+def commit_window(route: Route, *, final: bool, fallback: bool, streaming: bool,
+                  hold: bool = False) -> int | None:  # fmt: skip
     """Tokens an attempt holds back before its output is committed to the caller: None holds
     all of it (a whole answer, decided at its end), 0 sends at once (nothing could replace it),
-    else the route's ``stream_commit_tokens`` (a later tier, or a kept earlier answer, may)."""
-    if not streaming:
+    else the route's ``stream_commit_tokens`` (a later tier, or a kept earlier answer, may).
+    ``hold``: the output must be checked whole before the caller sees it (``router.invalid``)."""
+    if not streaming or hold:
         return None
     if not route.cascades or (final and not fallback):
         return 0
@@ -98,6 +104,30 @@ def outcome_of(step: Step, att: Attempt) -> AttemptOutcome:
     return "aborted" if att.aborted else "escalated"
 
 
+def grammar_complete(prepared: object) -> bool:
+    """Whether a prepared request's grammar enforces its whole schema (False when unknown: not
+    prepared yet, no grammar, or a remote backend)."""
+    return bool(getattr(getattr(prepared, "grammar", None), "complete", False))
+
+
+def invalid_at_end(att: Attempt, checked: bool) -> bool:
+    """A finished, unseen, checked output that broke its schema without being cut short: the
+    case ``router.invalid`` resamples, escalates or refuses."""
+    if not checked or att.sent or att.aborted or att.result is None or att.valid:
+        return False
+    return not any(c.finish_reason == "length" for c in att.result.choices)
+
+
+def invalid_output_error(att: Attempt, req: GenerationRequest, samples: int) -> InvalidOutputError:
+    errors = "; ".join(e for c in att.checks for e in c.errors[:2])[:400]
+    param = "tools" if isinstance(req.constraint, ToolCalls) else "response_format"
+    return InvalidOutputError(
+        f"no valid output after {samples} sample(s): the last, from {att.info.name}, broke the "
+        f"schema ({errors}); set on_invalid to 'flag' to receive invalid outputs flagged",
+        param=param,
+    )
+
+
 def better(a: Attempt, b: Attempt) -> bool:
     """Whether escalated answer ``a`` is a better stand-in than ``b``: valid first, then surer."""
     return (a.valid, a.confidence or 0.0) > (b.valid, b.confidence or 0.0)
@@ -122,12 +152,17 @@ async def run_tiers(
     reason = plan.skip_reason
     kept: Attempt | None = None  # best finished, escalated attempt so far
     cut_short: int | None = None  # a tier whose attempt early fallback aborted
+    checked = constrained(req.constraint)
+    policy = invalid_policy(req.constraint, req.on_invalid, route.on_invalid)
+    samples = 0  # finished outputs of the last tier that broke their schema
+    resampled: dict[int, GenerationRequest] = {}
     queue = [(tier, tier == plan.last) for tier in range(plan.start, plan.last + 1)]
-    for tier, final in queue:  # grows by one when a cut-short tier reruns (below)
+    for tier, final in queue:  # grows when a tier resamples, escalates or reruns (below)
         att = Attempt(route, backends[tier], trace, final, energy, plan.prepared.get(tier))
-        req = plan.requests.get(tier, caller_req)
+        req = resampled.get(tier) or plan.requests.get(tier, caller_req)
+        hold = checked and policy != "flag" and not grammar_complete(att.prepared)
         window = commit_window(route, final=att.final, fallback=kept is not None,
-                               streaming=streaming)  # fmt: skip
+                               streaming=streaming, hold=hold)  # fmt: skip
         if streaming:
             trace.streaming_from = att.info.name
         failure: Exception | None = None
@@ -168,6 +203,23 @@ async def run_tiers(
             why = escalation_reason(route, att)
             step = after_finish(why, sent=att.sent, valid=att.valid,
                                 kept_valid=kept is not None and kept.valid)  # fmt: skip
+            if step == "accept" and invalid_at_end(att, checked):
+                samples += 1
+                if samples <= route.max_resamples:  # the same tier samples again
+                    att.book("resampled", req, reason="invalid")
+                    base = plan.requests.get(tier, caller_req)
+                    resampled[tier] = resample_request(base, samples)
+                    queue.append((tier, final))
+                    reason = "invalid"
+                    continue
+                if policy == "escalate" and tier + 1 < len(backends):
+                    att.book("escalated", req, reason="invalid")
+                    queue.append((tier + 1, True))
+                    reason = "invalid"
+                    continue
+                if policy != "flag":
+                    att.book("rejected", req, reason="invalid")
+                    raise invalid_output_error(att, req, samples)
             invalid = "invalid" if step == "fall_back" else None  # finished, but not used
             att.book(outcome_of(step, att), req, reason=why or invalid)
             if step == "accept":

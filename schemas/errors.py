@@ -15,6 +15,8 @@
     ├── OverloadedError               503 overloaded_error (retryable; "circuit_open" when a
     │                                     backend's breaker refuses calls)
     ├── UpstreamError                 502 upstream_error (retryable)
+    ├── InvalidOutputError            502 server_error, code "invalid_output" (retryable: every
+    │                                     sample the route allowed broke the promised schema)
     ├── RequestTimeoutError           504 timeout (retryable)
     ├── GenerationCancelled           499 cancelled (client went away)
     └── ModelLoadError                500 server_error (weights missing or failing their check)
@@ -141,6 +143,16 @@ class OverloadedError(SlmgateError):
 class UpstreamError(SlmgateError):
     status = 502
     type = "upstream_error"
+    retryable = True
+
+
+class InvalidOutputError(SlmgateError):
+    """Every output the route tried broke the schema a strict request (or ``on_invalid:
+    error``) was promised; the caller gets this instead of an invalid 200."""
+
+    status = 502
+    type = "server_error"
+    code = "invalid_output"
     retryable = True
 
 

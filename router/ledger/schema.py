@@ -80,6 +80,7 @@ attempts_table = sa.Table(
     sa.Column("spec_steps", sa.Integer),
     sa.Column("energy_j", sa.Double),
     sa.Column("energy_measured", sa.Boolean, nullable=False),
+    sa.Column("grammar_engine", sa.String),  # NULL: no grammar (or an older ledger)
     sa.Index("ix_attempts_task_id", "task_id"),
     sa.Index("ix_attempts_tier_outcome", "tier", "outcome"),
 )
@@ -159,10 +160,12 @@ def create_schema(conn: Connection) -> None:
     columns = {c["name"] for c in sa.inspect(conn).get_columns("tasks")}
     if "checked_requests" not in columns:
         _add_checked_requests(conn)
-    if "compute_s" not in {c["name"] for c in sa.inspect(conn).get_columns("attempts")}:
-        # Ledgers written before attempts recorded compute: their rows stay NULL (unmeasured).
-        # A concurrent upgrade's loser fails here and its caller retries, as above.
-        conn.execute(sa.text("ALTER TABLE attempts ADD COLUMN compute_s DOUBLE PRECISION"))
+    attempt_columns = {c["name"] for c in sa.inspect(conn).get_columns("attempts")}
+    # Ledgers written before attempts recorded these: their rows stay NULL (unknown). A
+    # concurrent upgrade's loser fails here and its caller retries, as above.
+    for name, sql_type in (("compute_s", "DOUBLE PRECISION"), ("grammar_engine", "VARCHAR")):
+        if name not in attempt_columns:
+            conn.execute(sa.text(f"ALTER TABLE attempts ADD COLUMN {name} {sql_type}"))
 
 
 def _add_checked_requests(conn: Connection) -> None:

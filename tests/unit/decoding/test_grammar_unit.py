@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 
 import pytest
 import xgrammar as xgr
-from xgrammar.testing import _is_grammar_accept_string as accepts
 
 from decoding.constraint import (
+    GrammarEngine,
     JsonObject,
     JsonSchema,
     NoConstraint,
@@ -20,16 +19,13 @@ from decoding.constraint import (
 )
 from decoding.grammar import CompiledConstraint, GrammarCompiler
 from decoding.grammar_compile import GrammarLimits
-from decoding.tool_grammar import tool_call_structural_tag
 from schemas.errors import (
     InvalidRequestError,
     SchemaTooComplexError,
     UnsatisfiableSchemaError,
     UnsupportedSchemaError,
 )
-
-# Single characters plus a few merged tokens; id 0 is the end-of-text token.
-VOCAB = ["</s>", *list('{}[]":, abcdefghijklmnopqrstuvwxyz0123456789_-.\n<>/'), '{"', '":', '"}']
+from tests.unit.decoding.toy_grammar import ENGINES, VOCAB, tools_accept, toy_compiler
 
 WEATHER = ToolSpec(
     "get_weather",
@@ -44,16 +40,17 @@ CALL_TIME = '{"name": "get_time", "arguments": {"tz": "UTC"}}'
 TAGGED_TIME = f"<tool_call>\n{CALL_TIME}\n</tool_call>"
 
 
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> GrammarEngine:
+    """Every test taking it runs once per grammar engine."""
+    return request.param  # type: ignore[no-any-return]
+
+
 @pytest.fixture
-def compiler() -> Iterator[GrammarCompiler]:
-    info = xgr.TokenizerInfo(VOCAB, vocab_type=xgr.VocabType.RAW, stop_token_ids=[0])
-    compiler = GrammarCompiler(info, cache_size=2)
+def compiler(engine: GrammarEngine) -> Iterator[GrammarCompiler]:
+    compiler = toy_compiler(engine, cache_size=2)
     yield compiler
     compiler.close()
-
-
-def grammar_for(constraint: ToolCalls) -> xgr.Grammar:
-    return xgr.Grammar.from_structural_tag(json.dumps(tool_call_structural_tag(constraint)))
 
 
 # (mode, parallel, text, accepted, why)
@@ -101,35 +98,39 @@ MULTI_CALL_FORMS = {
 
 @pytest.mark.parametrize("mode", ["auto", "required"])
 @pytest.mark.parametrize("form", sorted(MULTI_CALL_FORMS))
-def test_every_multi_call_form_is_accepted_only_with_parallel_calls(mode: str, form: str) -> None:
+def test_every_multi_call_form_is_accepted_only_with_parallel_calls(
+    engine: GrammarEngine, mode: str, form: str
+) -> None:
     text = MULTI_CALL_FORMS[form]
     parallel = ToolCalls((WEATHER, TIME), mode=mode, parallel=True)  # type: ignore[arg-type]
     single = ToolCalls((WEATHER, TIME), mode=mode, parallel=False)  # type: ignore[arg-type]
-    assert accepts(grammar_for(parallel), text), form
-    assert not accepts(grammar_for(single), text), form
+    assert tools_accept(engine, parallel, text), form
+    assert not tools_accept(engine, single, text), form
 
 
 @pytest.mark.parametrize(("mode", "parallel", "text", "accepted", "why"), TOOL_CASES)
-def test_tool_grammar(mode: str, parallel: bool, text: str, accepted: bool, why: str) -> None:
+def test_tool_grammar(
+    engine: GrammarEngine, mode: str, parallel: bool, text: str, accepted: bool, why: str
+) -> None:
     constraint = ToolCalls((WEATHER, TIME), mode=mode, parallel=parallel)  # type: ignore[arg-type]
-    assert accepts(grammar_for(constraint), text) is accepted, why
+    assert tools_accept(engine, constraint, text) is accepted, why
 
 
-def test_named_tool_choice_allows_only_that_tool() -> None:
-    grammar = grammar_for(ToolCalls((TIME,), mode="named"))
-    assert accepts(grammar, TAGGED_TIME)
-    assert not accepts(grammar, TAGGED)
+def test_named_tool_choice_allows_only_that_tool(engine: GrammarEngine) -> None:
+    named = ToolCalls((TIME,), mode="named")
+    assert tools_accept(engine, named, TAGGED_TIME)
+    assert not tools_accept(engine, named, TAGGED)
 
 
-def test_tools_with_final_response_format() -> None:
+def test_tools_with_final_response_format(engine: GrammarEngine) -> None:
     """Agents SDK shape: a tagged call, or the final JSON answer; no free text."""
     final = JsonSchema({"type": "object", "properties": {"answer": {"type": "string"}},
                         "required": ["answer"]})  # fmt: skip
-    grammar = grammar_for(ToolCalls((WEATHER,), mode="auto", final=final))
-    assert accepts(grammar, TAGGED)
-    assert accepts(grammar, '{"answer": "sunny"}')
-    assert not accepts(grammar, '{"other": 1}')
-    assert not accepts(grammar, "It is sunny.")
+    constraint = ToolCalls((WEATHER,), mode="auto", final=final)
+    assert tools_accept(engine, constraint, TAGGED)
+    assert tools_accept(engine, constraint, '{"answer": "sunny"}')
+    assert not tools_accept(engine, constraint, '{"other": 1}')
+    assert not tools_accept(engine, constraint, "It is sunny.")
 
 
 def test_compile_cache_hits_on_equivalent_schema(compiler: GrammarCompiler) -> None:
@@ -165,9 +166,21 @@ def test_undeclared_properties_are_never_generated(compiler: GrammarCompiler) ->
 
 def test_schema_needing_undeclared_properties_still_compiles(compiler: GrammarCompiler) -> None:
     """Strict mode would forbid the extra key that minProperties requires; fall back to
-    plain JSON-Schema semantics instead of calling a satisfiable schema unsatisfiable."""
-    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "minProperties": 2}
-    compiled = compiler.compile(JsonSchema(schema))
+    plain JSON-Schema semantics instead of calling a satisfiable schema unsatisfiable.
+    llguidance cannot enforce minProperties over optional keys: a 400 naming it, and ``auto``
+    compiles the schema with xgrammar instead."""
+    schema = JsonSchema(
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "minProperties": 2}
+    )
+    if compiler.default_engine == "llguidance":
+        with pytest.raises(UnsupportedSchemaError, match="'minProperties'"):
+            compiler.compile(schema)
+        compiled = compiler.compile(schema, engine="auto")
+        assert compiled is not None
+        assert compiled.engine == "xgrammar"
+        assert "llguidance" in compiled.fallback_from
+    else:
+        compiled = compiler.compile(schema)
     assert compiled is not None
     state = compiler.new_state(compiled)
     assert state.validate_tokens([VOCAB.index(c) for c in '{"a": 1, "b": 2}']) == 16
@@ -341,7 +354,7 @@ def test_cache_counts_grammar_bytes(compiler: GrammarCompiler) -> None:
     compiled = compiler.compile(JsonSchema({"type": "integer"}))
     assert compiled is not None
     stats = compiler.stats()
-    assert stats.bytes == compiled.grammar.memory_size_bytes + len('{"type": "integer"}')
+    assert stats.bytes == compiled.memory_bytes
     assert stats.bytes > 0
 
 
