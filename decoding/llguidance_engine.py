@@ -36,8 +36,10 @@ UNIMPLEMENTED = "Unimplemented keys"
 class LLGuidanceState:
     """``GrammarState`` over a deep copy of a compiled ``LLMatcher``."""
 
-    def __init__(self, template: llguidance.LLMatcher, vocab_size: int, jump_forward: bool):
+    def __init__(self, template: llguidance.LLMatcher, vocab_size: int, jump_forward: bool,
+                 stop_ids: frozenset[int] = frozenset()):  # fmt: skip
         self._matcher = template.deep_copy()
+        self._stop_ids = stop_ids
         self.bitmask = llguidance.torch.allocate_token_bitmask(1, vocab_size)
         self.can_jump_forward = jump_forward
 
@@ -46,6 +48,8 @@ class LLGuidanceState:
         return self.bitmask
 
     def accept(self, token_id: int) -> bool:
+        if self._matcher.is_stopped():  # complete: only the end of text may follow
+            return token_id in self._stop_ids and self._matcher.consume_token(token_id)
         return self._matcher.try_consume_tokens([token_id]) == 1
 
     def validate_tokens(self, token_ids: list[int]) -> int:
@@ -149,10 +153,10 @@ class LLGuidanceEngine:
         template = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self._limits)
         if template.is_error():
             raise EngineCompileError(self.name, _error_line(template.get_error()))
-        vocab = self.vocab_size
+        vocab, stops = self.vocab_size, frozenset(self.tokenizer.eos_tokens)
         return CompiledConstraint(
             "llguidance",
-            lambda _: LLGuidanceState(template, vocab, jump_forward),
+            lambda _: LLGuidanceState(template, vocab, jump_forward, stops),
             schema,
             # No size API: the grammar text stands in (lexer states grow lazily, per request).
             memory_bytes=len(grammar) + len(json.dumps(schema) if schema is not None else ""),

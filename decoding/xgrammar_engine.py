@@ -25,7 +25,8 @@ from schemas.jsonschema_utils import VALIDATED_AFTER_GENERATION, iter_subschemas
 log = logging.getLogger(__name__)
 
 # Keywords xgrammar 0.2.8 accepts but does not enforce beyond VALIDATED_AFTER_GENERATION
-# (measured on a toy vocabulary: an instance breaking them is accepted).
+# (measured on a toy vocabulary: an instance breaking them is accepted; xgrammar's own warnings
+# name more, see ``unenforced_keywords``).
 XGRAMMAR_IGNORES = frozenset({"allOf"})
 
 
@@ -164,9 +165,18 @@ class XGrammarEngine:
 
 
 def unenforced_keywords(schema: Any) -> set[str]:
-    """The keywords of ``schema`` an xgrammar grammar lets through unchecked."""
-    found = {key for _, sub in iter_subschemas(schema) for key in sub}
-    return found & (VALIDATED_AFTER_GENERATION | XGRAMMAR_IGNORES)
+    """The keywords of ``schema`` an xgrammar grammar lets through unchecked: those it cannot
+    express, and the combinations it warns it ignores (length bounds beside a ``pattern``,
+    ``multipleOf`` on non-integers)."""
+    found: set[str] = set()
+    for _, sub in iter_subschemas(schema):
+        keys = set(sub)
+        found |= keys & (VALIDATED_AFTER_GENERATION | XGRAMMAR_IGNORES)
+        if "pattern" in keys and keys & {"minLength", "maxLength"}:
+            found.add("minLength/maxLength beside pattern")
+        if "multipleOf" in keys and sub.get("type") != "integer":
+            found.add("multipleOf on numbers")
+    return found
 
 
 def first_line(exc: BaseException) -> str:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-import xgrammar as xgr
 
 from benchmarks import grammar_bench as gb
+from benchmarks import grammar_compile_bench as cb
 from decoding.grammar import GrammarCompiler
+from tests.unit.decoding.toy_grammar import toy_compiler
 
 VOCAB = ["</s>", *list('{}[]":, abcdefghijklmnopqrstuvwxyz0123456789_-.\n'), '{"', '":', '"}']
 
@@ -117,10 +120,9 @@ def test_prompt_embeds_the_schema() -> None:
 # ---- compile loop on a toy tokenizer ----------------------------------------------------------
 
 
-@pytest.fixture
-def compiler() -> GrammarCompiler:
-    info = xgr.TokenizerInfo(VOCAB, vocab_type=xgr.VocabType.RAW, stop_token_ids=[0])
-    return GrammarCompiler(info, cache_size=2)
+@pytest.fixture(params=["xgrammar", "llguidance", "auto"])
+def compiler(request: pytest.FixtureRequest) -> GrammarCompiler:
+    return toy_compiler(request.param, VOCAB, cache_size=2)
 
 
 def test_bench_compile_counts_each_outcome(compiler: GrammarCompiler) -> None:
@@ -132,11 +134,12 @@ def test_bench_compile_counts_each_outcome(compiler: GrammarCompiler) -> None:
         {"type": 5},  # invalid schema
     ]
     subsets = {"X": [(f"X/{i}.json", s) for i, s in enumerate(schemas)], "Y": [("Y/0", True)]}
-    rows = gb.bench_compile(compiler, subsets, limit=None)
+    engine = compiler.default_engine
+    rows = cb.bench_compile(compiler, subsets, limit=None, engine=engine, deadline_s=30)
     x = rows["X"]
-    counts = {k: x[k] for k in ("total", *gb.OUTCOMES)}
-    assert counts == {"total": 5, "compiled": 2, "unsupported": 1, "unsatisfiable": 1,
-                      "invalid": 1, "other": 0}  # fmt: skip
+    counts = {k: x[k] for k in ("total", *cb.OUTCOMES)}
+    assert counts == {"total": 5, "compiled": 2, "timeout": 0, "unsupported": 1,
+                      "unsatisfiable": 1, "invalid": 1, "other": 0}  # fmt: skip
     assert x["unsupported_keywords"] == {"$ref": 1}
     assert x["compile_ms_p50"] is not None
     assert x["compile_ms_p50"] > 0
@@ -144,22 +147,49 @@ def test_bench_compile_counts_each_outcome(compiler: GrammarCompiler) -> None:
     assert x["slowest"][0] in {"X/0.json", "X/1.json"}
     assert rows["ALL"]["total"] == 6
     assert rows["ALL"]["compiled"] == 3
+    assert rows["ALL"]["compiled_names"] == ["X/0.json", "X/1.json", "Y/0"]
+    expected_engine = "xgrammar" if engine == "xgrammar" else "llguidance"
+    assert rows["ALL"]["engines"] == {expected_engine: 3}
     assert compiler.misses == 0
     assert compiler.hits == 0
-    limited = gb.bench_compile(compiler, subsets, limit=1)
+    limited = cb.bench_compile(compiler, subsets, limit=1, engine=engine)
     assert limited["X"]["total"] == 1
     assert limited["ALL"]["total"] == 2
-    table = gb.compile_table(rows)
-    assert table.splitlines()[2].split()[:7] == ["X", "5", "2", "1", "1", "1", "0"]
+    table = cb.compile_table(rows)
+    assert table.splitlines()[2].split()[:8] == ["X", "5", "2", "0", "1", "1", "1", "0"]
+
+
+def test_a_compile_past_the_deadline_counts_as_timeout() -> None:
+    class Slow:
+        def _compile_uncached(self, constraint: Any, param: str, engine: str) -> Any:
+            time.sleep(0.5)
+            raise AssertionError("never read: the bench stopped waiting")
+
+    stats = cb.CompileStats()
+    with ThreadPoolExecutor(1) as pool:
+        cb.compile_one(Slow(), {"type": "string"}, stats, "S/0", "auto", 0.05, pool)  # type: ignore[arg-type]
+    assert stats.summary()["timeout"] == 1
+    assert stats.times_ms == []
+
+
+def test_union_row_compares_auto_with_the_named_engines() -> None:
+    def arm(names: list[str]) -> dict[str, dict[str, Any]]:
+        return {"ALL": {"compiled_names": names}}
+
+    arms = {"xgrammar": arm(["a", "b"]), "llguidance": arm(["b", "c"]), "auto": arm(["a", "b"])}
+    row = cb.union_row(arms)
+    assert (row["union"], row["auto"]) == (3, 2)
+    assert row["union_not_auto"] == ["c"]
+    assert row["auto_not_union"] == []
 
 
 def test_compile_one_records_other_exceptions() -> None:
     class Broken:
-        def _compile_uncached(self, constraint: Any, param: str) -> Any:
+        def _compile_uncached(self, constraint: Any, param: str, engine: str) -> Any:
             raise RuntimeError("boom")
 
-    stats = gb.CompileStats()
-    gb.compile_one(Broken(), {"type": "string"}, stats)  # type: ignore[arg-type]
+    stats = cb.CompileStats()
+    cb.compile_one(Broken(), {"type": "string"}, stats)  # type: ignore[arg-type]
     summary = stats.summary()
     assert summary["other"] == 1
     assert summary["compile_ms_p50"] is None
@@ -176,42 +206,42 @@ def test_render_report_sections() -> None:
         "torch_threads": 2,
         "torch": "2.x",
         "xgrammar": "0.2.8",
+        "llguidance": "1.9.1",
         "dtype": "bfloat16",
         "device": "cpu",
     }
-    decode = {
-        "prompts": 2,
-        "max_tokens": 64,
-        "ms_per_token_unconstrained": 10.0,
-        "ms_per_token_constrained": 12.5,
-        "overhead_ratio": 1.25,
-        "tokens_unconstrained": 128,
-        "tokens_constrained": 60,
-        "forced_token_share": 0.5,
-    }
-    validity = {
-        "sampled": 2,
-        "max_tokens": 256,
-        "valid": 1,
-        "invalid": 0,
-        "truncated": 1,
-        "refused": 0,
-        "skipped": 0,
-        "error": 0,
-        "valid_rate": 0.5,
-        "valid_rate_of_finished": 1.0,
-        "samples": [
-            {"schema": "A/1", "outcome": "valid", "detail": ""},
-            {"schema": "B/2", "outcome": "truncated", "detail": "hit"},
-        ],
-    }
+    arm = {"tokens": 60, "ms_per_token": 12.5, "ratio_to_unconstrained": 1.25,
+           "forced_token_share": 0.5, "mask_us_median": 40.0, "mask_us_mean": 50.0,
+           "mask_us_p95": 90.0}  # fmt: skip
+    plain = {**arm, "ms_per_token": 10.0, "ratio_to_unconstrained": 1.0,
+             "forced_token_share": None, "mask_us_median": None}  # fmt: skip
+    decode = {"prompts": 2, "max_tokens": 64, "arms": {"unconstrained": plain, "auto": arm}}
+    samples = [
+        {"schema": "A/1", "outcome": "valid", "detail": ""},
+        {"schema": "B/2", "outcome": "truncated", "detail": "hit"},
+    ]
+    validity = {"sampled": 2, "max_tokens": 256, "arms": {"auto": {
+        "outcomes": {"valid": 1, "invalid": 0, "truncated": 1}, "valid_rate": 0.5,
+        "valid_rate_of_finished": 1.0, "resamples": 0, "samples": samples}}}  # fmt: skip
+    compile_rows = {"ALL": {"total": 1, "compiled": 1, "timeout": 0, "unsupported": 0,
+                            "unsatisfiable": 0, "invalid": 0, "other": 0, "success_rate": 1.0,
+                            "compile_ms_p50": 2.0, "compile_ms_p95": 2.0, "compile_ms_max": 2.0,
+                            "incomplete": 0, "engines": {"llguidance": 1}, "slowest": ["A/1", 2.0],
+                            "unsupported_keywords": {}, "other_errors": {},
+                            "compiled_names": ["A/1"]}}  # fmt: skip
     text = gb.render_report(
-        {"model": "m", "machine": machine, "decode": decode, "validity": validity, "elapsed_s": 1.0}
-    )
+        {"model": "m", "machine": machine, "decode": decode, "validity": validity,
+         "compile": {"auto": compile_rows, "xgrammar": compile_rows},
+         "compile_deadline_s": 10.0, "elapsed_s": 1.0}
+    )  # fmt: skip
     assert "Toy CPU, 2 cores" in text
-    assert "overhead (constrained / unconstrained): 1.25x" in text
-    assert "truncated B/2: hit" in text
-    assert "A/1" not in text  # valid samples are not listed
+    assert "llguidance 1.9.1" in text
+    assert "request deadline 10 s" in text
+    assert "union of xgrammar: 1 compiled; auto: 1" in text
+    assert "[auto] truncated B/2: hit" in text
+    assert "A/1:" not in text  # valid samples are not listed
+    auto_row = next(line for line in text.splitlines() if line.startswith("auto "))
+    assert auto_row.split()[:4] == ["auto", "60", "12.50", "1.25"]
 
 
 def test_main_with_everything_skipped_loads_no_model(tmp_path: Path) -> None:
