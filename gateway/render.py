@@ -86,6 +86,10 @@ def slmgate_facts(answer: Answer) -> dict[str, Any]:
         "fallback_reason": answer.fallback_reason,
         "memory_examples": list(answer.memory_examples),  # demonstrations the first tier saw
         "forced_tokens": sum(e.forced for c in answer.result.choices for e in c.events),
+        # The engine whose grammar shaped the answer (None: unconstrained or a remote tier).
+        "grammar_engine": next(
+            (a.grammar_engine for a in answer.attempts if a.outcome == "accepted"), None
+        ),
         "attempts": [
             {
                 "tier": a.tier,

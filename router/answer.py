@@ -137,6 +137,7 @@ def request_record(
     """The ledger row for a finished (or failed) request, from its trace."""
     now = time.perf_counter()
     status, error_type = (200, None) if error is None else error_status(error)
+    moved_on = [a for a in trace.attempts if a.outcome != "resampled"]
     record = RequestRecord(
         request_id=trace.request_id,
         route=trace.route,
@@ -147,9 +148,9 @@ def request_record(
         error_type=error_type,
         ttft_s=None if trace.first_token_at is None else trace.first_token_at - trace.started,
         cost_usd=sum(a.cost_usd for a in trace.attempts),
-        fallback=any(a.fallback_reason for a in trace.attempts),
-        fallback_reason=next((a.fallback_reason for a in trace.attempts if a.fallback_reason),
-                             None),
+        # A resample on the same tier is a retry, not a fallback to another tier.
+        fallback=any(a.fallback_reason for a in moved_on),
+        fallback_reason=next((a.fallback_reason for a in moved_on if a.fallback_reason), None),
         stream=stream,
         expects_json=isinstance(req.constraint, JsonObject | JsonSchema)
         or (isinstance(req.constraint, ToolCalls) and req.constraint.final is not None),

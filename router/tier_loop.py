@@ -209,8 +209,7 @@ async def run_tiers(
                     att.book("resampled", req, reason="invalid")
                     base = plan.requests.get(tier, caller_req)
                     resampled[tier] = resample_request(base, samples)
-                    queue.append((tier, final))
-                    reason = "invalid"
+                    queue.append((tier, final))  # the same tier: no fallback reason
                     continue
                 if policy == "escalate" and tier + 1 < len(backends):
                     att.book("escalated", req, reason="invalid")

@@ -82,6 +82,53 @@ def test_json_schema_response_format(client: openai.OpenAI) -> None:
     assert validation_errors(json.loads(r.choices[0].message.content or ""), schema) == []
 
 
+@pytest.mark.parametrize("engine", ["xgrammar", "llguidance"])
+def test_grammar_engine_per_request_is_used_and_reported(server: str, engine: str) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    r = _post(server, _body(
+        messages=[{"role": "user", "content": "Give a number as JSON."}], max_tokens=20,
+        temperature=0, grammar_engine=engine,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+    ))  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert validation_errors(json.loads(body["choices"][0]["message"]["content"]), schema) == []
+    assert [a["grammar_engine"] for a in body["slmgate"]["attempts"]] == [engine]
+    assert body["slmgate"]["grammar_engine"] == engine
+
+
+def test_strict_schema_the_grammar_cannot_enforce_never_comes_back_invalid(server: str) -> None:
+    """uniqueItems is checked after generation: a strict request gets a valid answer (first
+    sample or a resample) or a 502 invalid_output, never an invalid 200; non-strict with
+    on_invalid flag gets whatever was generated, flagged."""
+    schema = {"type": "object", "properties": {"xs": {"type": "array", "items": {"type":
+              "integer"}, "uniqueItems": True, "minItems": 3}}, "required": ["xs"]}  # fmt: skip
+    ask = [{"role": "user", "content": "Return xs as the list 1, 1, 1, 1 in JSON."}]
+
+    def post(strict: bool, **extra: object) -> httpx.Response:
+        fmt = {"type": "json_schema",
+               "json_schema": {"name": "xs", "schema": schema, "strict": strict}}  # fmt: skip
+        return _post(server, _body(messages=ask, max_tokens=40, temperature=0,
+                                   response_format=fmt, **extra))  # fmt: skip
+
+    r = post(True)
+    if r.status_code == 200:
+        body = r.json()
+        content = json.loads(body["choices"][0]["message"]["content"])
+        assert validation_errors(content, schema) == []
+        assert body["slmgate"]["valid"] is True
+    else:
+        assert r.status_code == 502, r.text
+        error = r.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == (
+            "server_error", "invalid_output", "response_format")  # fmt: skip
+    r = post(False, on_invalid="flag")
+    assert r.status_code == 200
+    body = r.json()
+    content = json.loads(body["choices"][0]["message"]["content"])
+    assert body["slmgate"]["valid"] is (validation_errors(content, schema) == [])
+
+
 def test_parse_with_pydantic(client: openai.OpenAI) -> None:
     class Cat(BaseModel):
         name: str
@@ -165,6 +212,8 @@ BAD_INPUTS = [
      "invalid_request_error", "tool_choice", "invalid_value"),
     (_body(messages=[{"role": "user", "content": "x" * 300_000}]), 413,
      "invalid_request_error", None, "payload_too_large"),
+    (_body(grammar_engine="outlines"), 400, "invalid_request_error", "grammar_engine", None),
+    (_body(on_invalid="retry"), 400, "invalid_request_error", "on_invalid", None),
 ]  # fmt: skip
 
 

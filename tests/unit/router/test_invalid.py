@@ -215,3 +215,16 @@ def test_route_checks_its_structured_output_settings() -> None:
         Route("r", ("a",), grammar_engine="outlines")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_resamples"):
         Route("r", ("a",), max_resamples=99)
+
+
+async def test_a_resample_is_not_counted_as_a_fallback() -> None:
+    from router.router import request_record
+
+    llm = PerCall("llm", "llm", ["[1, 1]", "[1, 2]"])
+    req = request(JsonSchema(UNIQUE, strict=True))
+    answer, trace = await run(SINGLE, {"llm": llm}, req)
+    assert answer.fallback_reason is None
+    record = request_record(trace, req, answer=answer)
+    assert (record.fallback, record.fallback_reason) == (False, None)
+    assert record.schema_valid is True
+    assert record.cost_usd == pytest.approx(sum(a.cost_usd for a in trace.attempts))

@@ -1019,16 +1019,17 @@ def test_an_older_ledger_is_upgraded_in_place(db_url: str) -> None:
         old.close()
 
 
-def test_an_older_attempts_table_gets_compute_s(db_url: str) -> None:
-    """A ledger written before attempts recorded compute: the column is added in place, old rows
-    read NULL (unmeasured), new rows keep their figure."""
+@pytest.mark.parametrize("column", ["compute_s", "grammar_engine"])
+def test_an_older_attempts_table_gets_the_newer_columns(db_url: str, column: str) -> None:
+    """A ledger written before attempts recorded compute or their grammar engine: the column is
+    added in place, old rows read NULL (unknown), new rows keep their value."""
     from router.ledger import metadata
 
     engine = sa.create_engine(db_url)
     try:
         with engine.begin() as conn:
             metadata.create_all(conn)
-            conn.execute(sa.text("ALTER TABLE attempts DROP COLUMN compute_s"))
+            conn.execute(sa.text(f"ALTER TABLE attempts DROP COLUMN {column}"))
             old_rows = batch_rows([req("o", 1.0, [att("o", 0, "slm", cost_usd=0.001)])])
             conn.execute(sa.insert(metadata.tables["requests"]), old_rows[0])
             conn.execute(sa.text(
@@ -1041,12 +1042,13 @@ def test_an_older_attempts_table_gets_compute_s(db_url: str) -> None:
     led = Ledger(db_url)
     led.start()
     try:
-        load(led, [req("n", 2.0, [att("n", 0, "slm", cost_usd=0.002, compute_s=1.5)])])
+        value: Any = 1.5 if column == "compute_s" else "llguidance"
+        load(led, [req("n", 2.0, [att("n", 0, "slm", cost_usd=0.002, **{column: value})])])
         old, new = led.task("o"), led.task("n")
         assert old is not None
         assert new is not None
-        assert old["requests"][0]["attempts"][0]["compute_s"] is None
-        assert new["requests"][0]["attempts"][0]["compute_s"] == 1.5
+        assert old["requests"][0]["attempts"][0][column] is None
+        assert new["requests"][0]["attempts"][0][column] == value
     finally:
         led.close()
 
