@@ -4,8 +4,9 @@ grammar generates them* (objects never carry undeclared properties there).
 * ``close_objects``: an object that declares properties gets ``additionalProperties: false``,
   as xgrammar's strict mode does, so small models cannot invent keys until max_tokens.
 * ``enforceable``: a property whose schema is ``false`` or ``{"not": {}}`` is simply never
-  generated, and ``dependentRequired`` on a few keys becomes an ``anyOf`` of the allowed key
-  sets; grammars ignore both keywords otherwise, and the output would fail validation.
+  generated, ``dependentRequired`` on a few keys becomes an ``anyOf`` of the allowed key sets,
+  and a ``oneOf`` of constants becomes the ``enum`` of values in exactly one branch; grammars
+  ignore these otherwise (``oneOf`` is read as ``anyOf``), and the output would fail validation.
 
 Pure functions over JSON values (inputs are never modified); the original schema is still the
 one outputs are validated against.
@@ -136,7 +137,67 @@ def _expand_dependent_required(node: dict[str, Any]) -> dict[str, Any]:
     return {**head, "anyOf": branches}
 
 
+_ANNOTATIONS = frozenset({"title", "description", "$comment", "examples", "default"})
+
+
+def _choices(branch: Any) -> list[Any] | None:
+    """The values a ``{"const": v}`` or ``{"enum": [...]}`` branch allows (annotations aside),
+    or None for any other branch."""
+    if not isinstance(branch, dict) or set(branch) - _ANNOTATIONS - {"const", "enum"}:
+        return None
+    if len(set(branch) & {"const", "enum"}) != 1:
+        return None
+    values = [branch["const"]] if "const" in branch else branch["enum"]
+    return values if isinstance(values, list) else None
+
+
+def _exclusive_one_of(node: dict[str, Any]) -> dict[str, Any]:
+    """``oneOf`` over constant branches allows the values in exactly one branch: an ``enum``
+    the grammar enforces (grammars treat ``oneOf`` as ``anyOf``)."""
+    branches = node.get("oneOf")
+    if not isinstance(branches, list) or not branches or "enum" in node or "const" in node:
+        return node
+    per_branch = [_choices(b) for b in branches]
+    if any(values is None for values in per_branch):
+        return node
+    seen: list[tuple[Any, int]] = []  # (value, branches holding it); values may be unhashable
+    for values in per_branch:
+        assert values is not None
+        for value in _unique(values):
+            for i, (known, n) in enumerate(seen):
+                if _same(known, value):
+                    seen[i] = (known, n + 1)
+                    break
+            else:
+                seen.append((value, 1))
+    exclusive = [value for value, n in seen if n == 1]
+    if not exclusive:
+        return node  # nothing is valid: the unsatisfiable check reports it
+    return {**{k: v for k, v in node.items() if k != "oneOf"}, "enum": exclusive}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality (``1`` and ``true`` differ, ``1`` and ``1.0`` do not)."""
+    return (type(a) is type(b) and a == b) or (
+        isinstance(a, int | float) and isinstance(b, int | float)
+        and not isinstance(a, bool) and not isinstance(b, bool) and a == b
+    )
+
+
+def _unique(values: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for value in values:
+        if not any(_same(value, kept) for kept in out):
+            out.append(value)
+    return out
+
+
 def enforceable(schema: Any) -> Any:
-    """``schema`` rewritten so a grammar enforces forbidden properties and small
-    ``dependentRequired`` maps (see the module docstring); other schemas come back equal."""
-    return _walk(copy.deepcopy(schema), lambda n: _expand_dependent_required(_drop_forbidden(n)))
+    """``schema`` rewritten so a grammar enforces forbidden properties, small
+    ``dependentRequired`` maps and ``oneOf`` over constants (see the module docstring); other
+    schemas come back equal."""
+
+    def rewrite(node: dict[str, Any]) -> dict[str, Any]:
+        return _exclusive_one_of(_expand_dependent_required(_drop_forbidden(node)))
+
+    return _walk(copy.deepcopy(schema), rewrite)

@@ -113,3 +113,27 @@ def test_close_objects_leaves_all_of_and_min_properties_alone() -> None:
     assert close_objects(with_all_of) == with_all_of
     needs_more = {"properties": {"a": {}}, "minProperties": 2}
     assert close_objects(needs_more) == needs_more
+
+
+@pytest.mark.parametrize(
+    ("one_of", "enum"),
+    [
+        ([{"const": "a"}, {"enum": ["a", "b"]}, {"enum": ["c"], "title": "C"}], ["b", "c"]),
+        ([{"const": 1}, {"const": 1.0}, {"const": True}], [True]),  # 1 == 1.0, true is not 1
+        ([{"enum": [{"k": 1}, [1]]}, {"const": {"k": 1}}], [[1]]),
+    ],
+)
+def test_one_of_constants_becomes_the_exclusive_values(one_of: list[Any], enum: list[Any]) -> None:
+    schema = {"oneOf": one_of}
+    rewritten = enforceable(schema)
+    assert rewritten == {"enum": enum}
+    candidates = [v for b in one_of for v in ([b["const"]] if "const" in b else b["enum"])]
+    for value in [*candidates, "zzz", 2]:
+        assert (not validation_errors(value, schema)) is (not validation_errors(value, rewritten))
+
+
+def test_one_of_with_other_branches_or_no_exclusive_value_is_left_alone() -> None:
+    mixed = {"oneOf": [{"const": "a"}, {"type": "string"}]}
+    assert enforceable(mixed) == mixed
+    overlapping = {"oneOf": [{"const": "a"}, {"enum": ["a"]}]}
+    assert enforceable(overlapping) == overlapping
