@@ -160,6 +160,9 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
 class EmbeddedEngine:
     """A local model behind the ``Backend`` interface."""
 
+    # Requests may carry ``continue_ids`` (the router's abstention probe relies on it).
+    supports_continuation = True
+
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         self.config = config
         self.model = loaded.model
@@ -242,6 +245,7 @@ class EmbeddedEngine:
     def _check_prompt(self, req: GenerationRequest) -> tuple[list[int], int]:
         """The prompt's token ids and the most tokens it leaves room for, or a 400."""
         prompt_ids = render_prompt(self.tokenizer, list(req.messages), list(req.tools))
+        prompt_ids += req.continue_ids
         cap = self.config.max_prompt_tokens
         if cap is not None and len(prompt_ids) > cap:
             raise ContextLengthError(

@@ -69,6 +69,9 @@ class GenerationRequest:
     grammar_engine: GrammarEngine | None = None
     # What to do with an output that breaks its schema (``router.invalid``); None: the route's.
     on_invalid: Literal["flag", "error", "escalate"] | None = None
+    # Token ids the assistant turn already holds (appended after the rendered prompt; the output
+    # continues them). Embedded engines only: the router probes what a model would write next.
+    continue_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 AttemptOutcome = Literal[
-    "accepted", "escalated", "aborted", "error", "cancelled", "resampled", "rejected"
+    "accepted", "escalated", "aborted", "error", "cancelled", "resampled", "rejected", "probe"
 ]
 
 
@@ -23,7 +23,9 @@ class AttemptRecord:
     early fallback), ``error`` (the backend failed; ``error`` says how), ``cancelled`` (cut off
     by a client disconnect or a deadline; ``error`` says which), ``resampled`` (finished but
     invalid, so the same tier sampled again), ``rejected`` (finished but invalid, and the
-    request failed with ``invalid_output`` rather than return it). Every outcome carries the tokens
+    request failed with ``invalid_output`` rather than return it), ``probe`` (a short
+    unconstrained continuation of another attempt's output, ``router.abstain``). Every outcome
+    carries the tokens
     the attempt consumed up to its end, and their cost.
     """
 

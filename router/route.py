@@ -46,6 +46,9 @@ class Route:
     grammar_engine: GrammarEngine | None = None
     on_invalid: OnInvalid | None = None
     max_resamples: int = DEFAULT_MAX_RESAMPLES
+    # After a call in tool_choice auto, probe whether the model meant a tool nobody offered, and
+    # let it answer in text if so (``router.abstain``; embedded tiers only).
+    abstain_probe: bool = True
 
     def __post_init__(self) -> None:
         if not self.tiers:

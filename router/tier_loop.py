@@ -8,6 +8,8 @@ the small pure functions below:
 * ``commit_window``: how much of an attempt is held back before the caller sees it.
 * ``escalation_reason`` / ``after_finish``: accept a finished attempt, hand over to the next
   tier, or fall back to a valid earlier answer when the last one is invalid.
+* ``wanted_unoffered_tool``: a call in ``auto`` mode whose model, probed without the grammar,
+  names a tool nobody offered is decoded again as text (``router.abstain``).
 * ``invalid_at_end``: a last-tier output that broke its schema is sampled again, escalated or
   refused as ``router.invalid`` says, never returned silently where validity was promised.
 * ``after_error``: on a failure, the next tier, the earlier answer, or the error itself —
@@ -26,6 +28,14 @@ from typing import Any, Literal
 
 from decoding.constraint import ToolCalls
 from decoding.types import GenerationRequest
+from router.abstain import (
+    name_boundary,
+    probe_due,
+    probe_request,
+    text_only,
+    wanted_name,
+    wants_unoffered,
+)
 from router.answer import Answer, Plan, Trace, executable_of
 from router.attempt import Attempt, Event, is_cancellation
 from router.cost import counterfactual_cost
@@ -128,6 +138,41 @@ def invalid_output_error(att: Attempt, req: GenerationRequest, samples: int) -> 
     )
 
 
+async def wanted_unoffered_tool(att: Attempt, req: GenerationRequest, backend: Any, trace: Trace,
+                                energy: EnergyMeter | None) -> bool:  # fmt: skip
+    """Probe an accepted ``auto``-mode call (``router.abstain``): would the model, unconstrained,
+    have named a tool nobody offered? The probe is booked as its own attempt (outcome
+    ``probe``); a probe that fails decides nothing."""
+    if att.sent or att.result is None or att.aborted or not att.checks:
+        return False
+    parsed = att.checks[0].parsed
+    calls = len(parsed.tool_calls) if parsed is not None else 0
+    if not probe_due(req, calls, bool(getattr(backend, "supports_continuation", False))):
+        return False
+    choice = att.result.choices[0]
+    boundary = name_boundary(choice)
+    if boundary is None:
+        return False
+    probe_req = probe_request(req, choice, boundary[0])
+    probe = Attempt(att.route, backend, trace, True, energy)
+    try:
+        async with aclosing(probe.run(probe_req, None, prepare=True)) as events:
+            async for _ in events:
+                pass
+    except Exception as exc:
+        if is_cancellation(exc):
+            probe.book("cancelled", probe_req, error=exc)
+            raise
+        probe.book("error", probe_req, error=exc)
+        return False
+    probe.book("probe", probe_req)
+    assert probe.result is not None
+    assert isinstance(req.constraint, ToolCalls)
+    head = "".join(e.text for e in choice.events)[: boundary[1]]
+    name = wanted_name(head, probe.result.choices[0].text)
+    return wants_unoffered(name, [t.name for t in req.constraint.tools])
+
+
 def better(a: Attempt, b: Attempt) -> bool:
     """Whether escalated answer ``a`` is a better stand-in than ``b``: valid first, then surer."""
     return (a.valid, a.confidence or 0.0) > (b.valid, b.confidence or 0.0)
@@ -203,6 +248,13 @@ async def run_tiers(
             why = escalation_reason(route, att)
             step = after_finish(why, sent=att.sent, valid=att.valid,
                                 kept_valid=kept is not None and kept.valid)  # fmt: skip
+            if step == "accept" and route.abstain_probe and await wanted_unoffered_tool(
+                att, req, backends[tier], trace, energy
+            ):  # the model meant a tool nobody offered: it answers in text instead
+                att.book("resampled", req, reason="unoffered_tool")
+                resampled[tier] = text_only(req)
+                queue.append((tier, final))
+                continue
             if step == "accept" and invalid_at_end(att, checked):
                 samples += 1
                 if samples <= route.max_resamples:  # the same tier samples again
