@@ -24,11 +24,14 @@ from decoding.constraint import JsonSchema, Regex, ToolCalls
 from decoding.grammar_state import CompiledConstraint
 from decoding.tool_lark import json_options, tool_call_lark
 from decoding.xgrammar_engine import EngineCompileError
+from schemas.jsonschema_utils import iter_subschemas
 from schemas.schema_rewrite import close_objects
 
 # The JSON text xgrammar's any_whitespace=False produces, so outputs look alike either way.
+# oneOf is read as anyOf, as xgrammar reads it; exclusivity is checked after generation.
 COMPACT_JSON: dict[str, Any] = {
     "whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+    "coerce_one_of": True,
 }  # fmt: skip
 UNIMPLEMENTED = "Unimplemented keys"
 
@@ -121,9 +124,11 @@ class LLGuidanceEngine:
         """Strict first; with ``lenient``, a schema using keywords llguidance does not
         implement compiles without them (an incomplete grammar)."""
         closed = close_objects(constraint.schema)
+        complete = not uses_one_of(closed)
         try:
             grammar = self._json_grammar(closed, lenient=False)
-            return self._compiled(grammar, constraint.schema, jump_forward=jump_forward)
+            return self._compiled(grammar, constraint.schema, jump_forward=jump_forward,
+                                  complete=complete)  # fmt: skip
         except EngineCompileError as exc:
             if not (lenient and UNIMPLEMENTED in exc.message):
                 raise
@@ -133,7 +138,8 @@ class LLGuidanceEngine:
 
     def tools(self, constraint: ToolCalls, jump_forward: bool) -> CompiledConstraint:
         grammar = llguidance.LLMatcher.grammar_from_lark(tool_call_lark(constraint))
-        return self._compiled(grammar, None, jump_forward=jump_forward)
+        complete = not any(uses_one_of(t.parameters) for t in constraint.tools)
+        return self._compiled(grammar, None, jump_forward=jump_forward, complete=complete)
 
     def _json_grammar(self, schema: Any, *, lenient: bool) -> str:
         if isinstance(schema, bool):
@@ -163,6 +169,11 @@ class LLGuidanceEngine:
             complete=complete,
             jump_forward=jump_forward,
         )
+
+
+def uses_one_of(schema: Any) -> bool:
+    """Whether ``schema`` has a ``oneOf`` (compiled as ``anyOf``: exclusivity checked after)."""
+    return any("oneOf" in sub for _, sub in iter_subschemas(schema))
 
 
 def _error_line(message: str) -> str:

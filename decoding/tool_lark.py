@@ -32,6 +32,7 @@ TOOL_JSON: dict[str, Any] = {
     "whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{MAX_JSON_WHITESPACE}}}",
     "item_separator": ",",
     "key_separator": ":",
+    "coerce_one_of": True,
 }
 _NO_CALL = rf"(.|\n)*{TAG_OPEN}(.|\n)*"
 

@@ -70,8 +70,8 @@ def _open_by_choice(node: dict[str, Any]) -> bool:
 
 def close_objects(schema: Any) -> Any:
     """``schema`` with every object that declares properties, and says nothing about others,
-    closed (unless ``minProperties`` needs more keys than it declares). A schema using
-    ``allOf`` is returned unchanged: its branches' properties add up."""
+    closed (unless ``minProperties`` or ``required`` needs keys it does not declare). A schema
+    using ``allOf`` is returned unchanged: its branches' properties add up."""
     if _uses(schema, "allOf"):
         return schema
 
@@ -82,6 +82,9 @@ def close_objects(schema: Any) -> Any:
         min_props = node.get("minProperties")
         if isinstance(min_props, int) and min_props > len(props):
             return node
+        required = node.get("required")
+        if isinstance(required, list) and set(required) - set(props):
+            return node  # it requires a key it does not declare: closing would forbid it
         return {**node, "additionalProperties": False}
 
     return _walk(copy.deepcopy(schema), close)

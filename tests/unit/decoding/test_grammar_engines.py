@@ -273,3 +273,11 @@ def test_xgrammar_marks_what_it_warns_it_ignores_as_checked_after() -> None:
     assert unenforced_keywords({"type": "integer", "multipleOf": 3}) == set()
     assert unenforced_keywords({"items": {"uniqueItems": True}, "allOf": []}) == {
         "uniqueItems", "allOf"}  # fmt: skip
+
+
+def test_one_of_compiles_as_any_of_with_exclusivity_checked_after(engine: GrammarEngine) -> None:
+    schema = JsonSchema({"oneOf": [{"type": "integer"}, {"type": "string"}]})
+    compiled = toy_compiler(engine).compile(schema)
+    assert compiled is not None
+    assert compiled.engine == engine
+    assert not compiled.complete

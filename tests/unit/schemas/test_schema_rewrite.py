@@ -137,3 +137,8 @@ def test_one_of_with_other_branches_or_no_exclusive_value_is_left_alone() -> Non
     assert enforceable(mixed) == mixed
     overlapping = {"oneOf": [{"const": "a"}, {"enum": ["a"]}]}
     assert enforceable(overlapping) == overlapping
+
+
+def test_close_objects_leaves_objects_requiring_undeclared_keys_open() -> None:
+    schema = {"type": "object", "properties": {"a": {}}, "required": ["b"]}
+    assert close_objects(schema) == schema
