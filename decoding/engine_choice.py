@@ -1,11 +1,11 @@
 """Which grammar engine compiles a constraint: ``grammar_engine: auto | xgrammar | llguidance``.
 
 ``auto`` orders the engines per constraint by what each enforces and by measured speed
-(BENCHMARKS.md, "Grammar engines"): JSON schemas go to llguidance first — it compiles in
-milliseconds where xgrammar takes tens of milliseconds and, on the worst shared schemas,
-minutes, and it refuses keywords it cannot enforce instead of ignoring them — then to xgrammar
-(which compiles what llguidance refuses, leaving those keywords to the check after generation),
-then to outlines-core's regex. Tool calls and regexes go to xgrammar first (its masks are the
+(BENCHMARKS.md, "Guided decoding"): JSON schemas go to llguidance first — it compiles in
+milliseconds where xgrammar takes milliseconds to seconds and, on the worst shared schemas,
+minutes, and it refuses keywords it cannot enforce (``not``, unknown formats, …) instead of
+ignoring them — then to xgrammar (which compiles what llguidance refuses, leaving those
+keywords to the check after generation), then to outlines-core's regex. Tool calls and regexes go to xgrammar first (its masks are the
 faster of the two, and its structural tags are what the tool-call evaluations measured), then
 llguidance. A named engine is used alone (xgrammar keeps its outlines-core fallback).
 """
