@@ -205,7 +205,11 @@ async def run_tiers(
     for tier, final in queue:  # grows when a tier resamples, escalates or reruns (below)
         att = Attempt(route, backends[tier], trace, final, energy, plan.prepared.get(tier))
         req = resampled.get(tier) or plan.requests.get(tier, caller_req)
-        hold = checked and policy != "flag" and not grammar_complete(att.prepared)
+        # Tool calls are sent whole anyway (``Router.streams_tokens``): held, they can still be
+        # probed and resampled; JSON is held when its validity is promised but not enforced.
+        hold = isinstance(req.constraint, ToolCalls) or (
+            checked and policy != "flag" and not grammar_complete(att.prepared)
+        )
         window = commit_window(route, final=att.final, fallback=kept is not None,
                                streaming=streaming, hold=hold)  # fmt: skip
         if streaming:

@@ -148,3 +148,16 @@ async def test_the_probe_can_be_turned_off_per_route() -> None:
     answer, trace = await run(backend, Route("one", ("llm",), abstain_probe=False))
     assert answer.checks[0].parsed.tool_calls
     assert [a.outcome for a in trace.attempts] == ["accepted"]
+
+
+async def test_a_streamed_call_is_probed_too() -> None:
+    """Tool calls are sent whole, so a stream holds them and the probe still decides."""
+    backend = Continuable("calc_area")
+    router = Router({"llm": backend}, {})
+    req = request()
+    route = Route("one", ("llm",))
+    trace = Trace(req.request_id, route.name)
+    plan = router.plan(route, req, trace)
+    events = [e async for e in router.stream(plan, req, trace)]
+    assert "".join(e.text for e in events if isinstance(e, TokenEvent)) == backend.text
+    assert [a.outcome for a in trace.attempts] == ["probe", "resampled", "accepted"]
