@@ -203,7 +203,12 @@ async def run_tiers(
     resampled: dict[int, GenerationRequest] = {}
     queue = [(tier, tier == plan.last) for tier in range(plan.start, plan.last + 1)]
     for tier, final in queue:  # grows when a tier resamples, escalates or reruns (below)
-        att = Attempt(route, backends[tier], trace, final, energy, plan.prepared.get(tier))
+        # A resampled (or abstaining) tier is prepared again: its request differs from the one
+        # the plan prepared (seed and temperature, or the constraint), and engines decode the
+        # prepared request.
+        fresh = tier in resampled or tier not in plan.prepared
+        att = Attempt(route, backends[tier], trace, final, energy,
+                      None if fresh else plan.prepared[tier])  # fmt: skip
         req = resampled.get(tier) or plan.requests.get(tier, caller_req)
         # Tool calls are sent whole anyway (``Router.streams_tokens``): held, they can still be
         # probed and resampled; JSON is held when its validity is promised but not enforced.
@@ -216,7 +221,7 @@ async def run_tiers(
             trace.streaming_from = att.info.name
         failure: Exception | None = None
         try:
-            async with aclosing(att.run(req, window, prepare=tier not in plan.prepared)) as out:
+            async with aclosing(att.run(req, window, prepare=fresh)) as out:
                 async for event in out:
                     yield event
         except Exception as exc:

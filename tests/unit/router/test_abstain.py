@@ -98,9 +98,13 @@ class Continuable:
         self.ready = True
         self.seen: list[GenerationRequest] = []
 
+    def prepare(self, req: GenerationRequest) -> GenerationRequest:
+        return req
+
     async def generate(
         self, req: GenerationRequest, prepared: Any = None
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
+        req = prepared if prepared is not None else req  # decodes what was prepared, as engines do
         self.seen.append(req)
         if req.continue_ids:  # the model's own call, from the kept 3-character tokens on
             wanted_call = CALL.replace("get_weather", self.wanted)

@@ -38,9 +38,13 @@ class PerCall:
         self.ready = True
         self.seen: list[GenerationRequest] = []
 
+    def prepare(self, req: GenerationRequest) -> GenerationRequest:
+        return req
+
     async def generate(
         self, req: GenerationRequest, prepared: Any = None
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
+        req = prepared if prepared is not None else req  # decodes what was prepared, as engines do
         text = self.outputs[min(len(self.seen), len(self.outputs) - 1)]
         self.seen.append(req)
         for i, ch in enumerate(text):
