@@ -5,9 +5,10 @@
 milliseconds where xgrammar takes milliseconds to seconds and, on the worst shared schemas,
 minutes, and it refuses keywords it cannot enforce (``not``, unknown formats, …) instead of
 ignoring them — then to xgrammar (which compiles what llguidance refuses, leaving those
-keywords to the check after generation), then to outlines-core's regex. Tool calls and regexes go to xgrammar first (its masks are the
-faster of the two, and its structural tags are what the tool-call evaluations measured), then
-llguidance. A named engine is used alone (xgrammar keeps its outlines-core fallback).
+keywords to the check after generation), then to outlines-core's regex. Tool calls and
+regexes go to xgrammar first (its masks are the faster of the two, and its structural tags are
+what the tool-call evaluations measured), then llguidance. A named engine is used alone
+(xgrammar keeps its outlines-core fallback).
 """
 
 from __future__ import annotations
