@@ -281,11 +281,10 @@ class GrammarCompiler:
                 continue
             if compiled is None:
                 continue  # that engine is not available for this tokenizer
-            if errors:
-                log.info("%s compiled %s after %s", compiled.engine, param,
-                         "; ".join(str(e) for e in errors))  # fmt: skip
-            schema = original.schema if isinstance(original, JsonSchema) else compiled.schema
             why = "; ".join(str(e) for e in errors)
+            if why:
+                log.info("%s compiled %s after %s", compiled.engine, param, why)
+            schema = original.schema if isinstance(original, JsonSchema) else compiled.schema
             return replace(compiled, schema=schema, fallback_from=why)
         raise _compile_error(original, param, errors)
 

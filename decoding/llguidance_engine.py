@@ -24,8 +24,8 @@ from decoding.constraint import JsonSchema, Regex, ToolCalls
 from decoding.grammar_state import CompiledConstraint
 from decoding.tool_lark import json_options, tool_call_lark
 from decoding.xgrammar_engine import EngineCompileError
-from schemas.jsonschema_utils import iter_subschemas
-from schemas.schema_rewrite import close_objects
+from schemas.jsonschema_utils import schema_keywords
+from schemas.schema_rewrite import close_objects, schema_object
 
 # The JSON text xgrammar's any_whitespace=False produces, so outputs look alike either way.
 # oneOf is read as anyOf, as xgrammar reads it; exclusivity is checked after generation.
@@ -142,12 +142,10 @@ class LLGuidanceEngine:
         return self._compiled(grammar, None, jump_forward=jump_forward, complete=complete)
 
     def _json_grammar(self, schema: Any, *, lenient: bool) -> str:
-        if isinstance(schema, bool):
-            schema = {} if schema else {"not": {}}
         options = json_options(COMPACT_JSON, lenient=lenient)
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                schema, defaults=cast("Any", options)
+                schema_object(schema), defaults=cast("Any", options)
             )
             return str(grammar)
         except ValueError as exc:
@@ -173,7 +171,7 @@ class LLGuidanceEngine:
 
 def uses_one_of(schema: Any) -> bool:
     """Whether ``schema`` has a ``oneOf`` (compiled as ``anyOf``: exclusivity checked after)."""
-    return any("oneOf" in sub for _, sub in iter_subschemas(schema))
+    return "oneOf" in schema_keywords(schema)
 
 
 def _error_line(message: str) -> str:

@@ -24,7 +24,7 @@ from decoding.tool_grammar import (
     TAG_OPEN,
     TEXT_START,
 )
-from schemas.schema_rewrite import close_objects
+from schemas.schema_rewrite import close_objects, schema_object
 
 # JSON inside calls: flexible whitespace, at most MAX_JSON_WHITESPACE characters of it.
 TOOL_JSON: dict[str, Any] = {
@@ -48,9 +48,7 @@ def _lit(text: str) -> str:
 
 def _json(schema: Any) -> str:
     """An inline ``%json`` rule body for ``schema`` with the call's whitespace options."""
-    if isinstance(schema, bool):
-        schema = {} if schema else {"not": {}}
-    closed = close_objects(schema)
+    closed = close_objects(schema_object(schema))
     return "%json " + json.dumps({**closed, "x-guidance": json_options(TOOL_JSON)})
 
 

@@ -54,9 +54,15 @@ async def prepare_on_async(backend: Any, req: GenerationRequest) -> Any:
     return await asyncio.to_thread(prepare_on, backend, req)
 
 
+def grammar_of(prepared: Any) -> Any:
+    """A prepared request's compiled grammar (``CompiledConstraint``); None without one (no
+    constraint, not prepared yet, or a backend that prepares nothing)."""
+    return getattr(prepared, "grammar", None)
+
+
 def grammar_engine_of(prepared: Any) -> str | None:
     """The engine that compiled a prepared request's grammar; None without one."""
-    return getattr(getattr(prepared, "grammar", None), "engine", None)
+    return getattr(grammar_of(prepared), "engine", None)
 
 
 def prompt_tokens_of(prepared: Any) -> int:

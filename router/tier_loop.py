@@ -37,7 +37,7 @@ from router.abstain import (
     wants_unoffered,
 )
 from router.answer import Answer, Plan, Trace, executable_of
-from router.attempt import Attempt, Event, is_cancellation
+from router.attempt import Attempt, Event, grammar_of, is_cancellation
 from router.cost import counterfactual_cost
 from router.energy import EnergyMeter
 from router.invalid import constrained, invalid_policy, resample_request
@@ -117,7 +117,7 @@ def outcome_of(step: Step, att: Attempt) -> AttemptOutcome:
 def grammar_complete(prepared: object) -> bool:
     """Whether a prepared request's grammar enforces its whole schema (False when unknown: not
     prepared yet, no grammar, or a remote backend)."""
-    return bool(getattr(getattr(prepared, "grammar", None), "complete", False))
+    return bool(getattr(grammar_of(prepared), "complete", False))
 
 
 def invalid_at_end(att: Attempt, checked: bool) -> bool:

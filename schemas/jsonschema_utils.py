@@ -185,10 +185,14 @@ def check_schema(schema: Any, param: str, max_depth: int = DEFAULT_MAX_DEPTH) ->
             )
 
 
+def schema_keywords(schema: Any) -> set[str]:
+    """Every keyword used by ``schema`` or a schema nested in it (not property names)."""
+    return {key for _, sub in iter_subschemas(schema) for key in sub}
+
+
 def keywords_checked_after(schema: Any) -> list[str]:
     """The keywords in ``schema`` that decoding cannot enforce (sorted, unique)."""
-    found = {key for _, sub in iter_subschemas(schema) for key in sub}
-    return sorted(found & VALIDATED_AFTER_GENERATION)
+    return sorted(schema_keywords(schema) & VALIDATED_AFTER_GENERATION)
 
 
 def validation_errors(

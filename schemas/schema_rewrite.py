@@ -19,6 +19,8 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
+from schemas.jsonschema_utils import schema_keywords
+
 # dependentRequired on more trigger keys than this stays a post-generation check: the anyOf
 # grows as 2**keys.
 MAX_DEPENDENT_KEYS = 3
@@ -48,19 +50,6 @@ def _walk(schema: Any, visit: Callable[[dict[str, Any]], dict[str, Any]]) -> Any
     return visit(out)
 
 
-def _uses(schema: Any, keyword: str) -> bool:
-    stack = [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if keyword in node:
-                return True
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return False
-
-
 def _open_by_choice(node: dict[str, Any]) -> bool:
     """Whether ``node`` says something about undeclared properties itself."""
     return any(
@@ -68,11 +57,19 @@ def _open_by_choice(node: dict[str, Any]) -> bool:
     )
 
 
+def schema_object(schema: Any) -> Any:
+    """A boolean schema as the object schema with the same instances (``true`` → ``{}``,
+    ``false`` → ``{"not": {}}``), for compilers that take objects only; others unchanged."""
+    if isinstance(schema, bool):
+        return {} if schema else {"not": {}}
+    return schema
+
+
 def close_objects(schema: Any) -> Any:
     """``schema`` with every object that declares properties, and says nothing about others,
     closed (unless ``minProperties`` or ``required`` needs keys it does not declare). A schema
     using ``allOf`` is returned unchanged: its branches' properties add up."""
-    if _uses(schema, "allOf"):
+    if "allOf" in schema_keywords(schema):
         return schema
 
     def close(node: dict[str, Any]) -> dict[str, Any]:
