@@ -41,6 +41,11 @@ def grouped_sdpa(
     """transformers' SDPA attention, with query heads folded onto their KV heads for masked
     multi-token passes (``query`` ``[b, heads, q, d]``, ``key``/``value`` ``[b, kv_heads,
     kv, d]``, ``attention_mask`` ``[b | 1, 1, q, kv]``; returns ``[b, q, heads, d]``)."""
+    paged = kwargs.get("paged")
+    if paged is not None:  # a batched pass (decoding.paged): the rows live in the pool
+        from decoding.paged import paged_attention
+
+        return paged_attention(module, query, key, value, paged, scaling), None
     groups = int(getattr(module, "num_key_value_groups", 1))
     batch, heads, q_len, dim = query.shape
     foldable = (

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -29,10 +29,11 @@ import torch
 from transformers import DynamicCache
 
 from decoding.backend import BackendInfo, FinishEvent, collect
+from decoding.batch_engine import BatchConfig, BatchLoop
 from decoding.chat_template import render_prompt
+from decoding.choice import ChoiceDecoder
 from decoding.constraint import ToolCalls
-from decoding.detokenize import IncrementalDetokenizer, StopStrings
-from decoding.draft_tree import child_map, keep_accepted_rows, prune_draft
+from decoding.draft_tree import keep_accepted_rows
 from decoding.grammar import (
     CompiledConstraint,
     GrammarCompiler,
@@ -43,14 +44,11 @@ from decoding.grammar_compile import GrammarLimits
 from decoding.grammar_state import GrammarEngine
 from decoding.loader import LoadedModel
 from decoding.prefix_cache import PrefixCache
-from decoding.sampling import Pick, pick_token
-from decoding.speculative import DrafterPool, DraftSession, coupled_sampler
+from decoding.speculative import DrafterPool
 from decoding.types import (
-    FinishReason,
     GenerationRequest,
     GenerationResult,
     TokenEvent,
-    TopLogprob,
 )
 from kernels.tree_mask import additive_mask, build_tree_mask
 from schemas.errors import ContextLengthError, GenerationCancelled, InvalidRequestError
@@ -62,9 +60,6 @@ log = logging.getLogger(__name__)
 
 
 SPECULATION_MODES = ("auto", "none", "suffix", "stand", "both")
-# Forced text is cut to this many characters per token of budget left before it is tokenised,
-# so a long forced string never costs more than the tokens it can still become.
-FORCED_CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +111,8 @@ class EngineConfig:
     suffix: SuffixConfig = field(default_factory=SuffixConfig)
     stand: StandConfig = field(default_factory=StandConfig)
     grammar_engine: GrammarEngine = "auto"  # for requests that name none
+    batching: bool = False
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
     def __post_init__(self) -> None:
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
@@ -204,6 +201,7 @@ class EmbeddedEngine:
         self.ready = False
         if config.warmup:
             self.warmup()
+        self.batch = BatchLoop(self, config.batch) if config.batching else None
         self.ready = True
 
     # ---- public API -------------------------------------------------------------------------
@@ -284,9 +282,13 @@ class EmbeddedEngine:
         cancel: threading.Event | None = None,
         prepared: PreparedRequest | None = None,
     ) -> Iterator[TokenEvent | FinishEvent]:
-        """Generate on the calling thread (tests, benchmarks); see ``generate`` for servers."""
+        """Generate on the calling thread (tests, benchmarks; with batching the batch loop
+        decodes and this thread waits for its events); see ``generate`` for servers."""
         cancel = cancel or threading.Event()
         prepared = prepared or self.prepare(req)
+        if self.batch is not None:
+            yield from self._batched_sync(prepared, cancel)
+            return
         for index in range(req.params.n):
             yield from timed_choice(self._decode_choice(prepared, index, cancel))
 
@@ -301,6 +303,21 @@ class EmbeddedEngine:
         events: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
         done = object()
+        if self.batch is not None:
+            prepared = prepared or await self.prepare_async(req)
+
+            def sink(event: Any) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+            self.batch.submit(prepared, cancel, sink)
+            try:
+                while (item := await events.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:
+                cancel.set()
+            return
 
         def run() -> None:
             try:
@@ -336,110 +353,68 @@ class EmbeddedEngine:
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
+        if self.batch is not None:
+            self.batch.close()
+
+    def _batched_sync(
+        self, prepared: PreparedRequest, cancel: threading.Event
+    ) -> Iterator[TokenEvent | FinishEvent]:
+        """``prepared``'s events from the batch loop, waited for on this thread."""
+        assert self.batch is not None
+        events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.batch.submit(prepared, cancel, events.put)
+        try:
+            while (item := events.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
 
     # ---- the decode loop -------------------------------------------------------------------
 
     def _decode_choice(
         self, prepared: PreparedRequest, index: int, cancel: threading.Event
     ) -> Iterator[TokenEvent | FinishEvent]:
-        """Decode one choice. Each pass forwards the tokens not yet in the cache plus a draft;
-        the rows of that pass are then walked exactly as plain decoding walks its steps (cancel,
-        length, jump-forward, pick, stop token, stop strings, grammar end), and the walk goes
-        on to the next row only while the pick equals the drafted token."""
-        request = prepared.request
-        params = request.params
-        generator = None
-        if not params.greedy:
-            seed = params.seed if params.seed is not None else secrets.randbits(63)
-            # torch seeds are 64-bit: any integer a caller sends maps into that range.
-            generator = torch.Generator().manual_seed((seed + index) % 2**63)
-        grammar = self.grammars.new_state(prepared.grammar) if prepared.grammar else None
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopStrings(params.stop)
-        n_top = params.top_logprobs if params.logprobs else 0
-        n_prompt = len(prepared.prompt_ids)
-        reused = 0  # prompt positions taken from the prefix cache
-        limit = prepared.max_new_tokens
-        drafting = self.drafters.session(self.speculation_for(request), prepared.prompt_ids)
-        choose = coupled_sampler(params, generator) if drafting and generator else None
-        context = list(prepared.prompt_ids)  # prompt + output: what the model has seen or will
-        produced = 0
-
-        def finish(reason: FinishReason, text: str) -> FinishEvent:
-            spec = drafting.counter.stats() if drafting else None
-            return FinishEvent(index, reason, text, n_prompt, spec, reused)
-
+        """Decode one choice: draft → forward the tokens not yet cached plus the draft → walk
+        the rows (``ChoiceDecoder.walk``) → keep the accepted rows, feed the rest next pass."""
+        decoder = self.decoder(prepared, index)
         try:
             with torch.inference_mode():
-                cache, reused, prefilled = self._prefill(prepared.prompt_ids, cancel)
-                pending = context[prefilled:]  # the tail of ``context`` not yet in the cache
+                cache, decoder.reused, prefilled = self._prefill(prepared.prompt_ids, cancel)
+                pending = decoder.context[prefilled:]  # the context's tail not yet cached
                 while True:
                     if cancel.is_set():
                         raise GenerationCancelled("generation cancelled: the client went away")
-                    if produced >= limit:
-                        yield finish("length", _final_text(detok, stops))
-                        return
-                    draft = self._draft(drafting, context, grammar, limit - produced - 1)
-                    cached = len(context) - len(pending)
+                    draft = decoder.draft(self.config.spec_max_draft)
+                    cached = len(decoder.context) - len(pending)
                     rows = self._forward(pending + list(draft.token_ids), cache, draft, cached)
-                    children = child_map(draft)
-                    emitted: list[int] = []
-                    accepted: list[int] = []  # draft nodes kept, root to leaf
-                    node = -1  # the walk's position: -1 is the last pending token
-                    while True:  # one plain decoding step per row
-                        if accepted and cancel.is_set():
-                            raise GenerationCancelled("generation cancelled: the client went away")
-                        if accepted and produced >= limit:
-                            yield finish("length", _final_text(detok, stops))
-                            return
-                        forced = self._jump_forward(grammar, limit - produced)
-                        steps: list[tuple[int, Pick | None]]
-                        if forced:
-                            steps = [(t, None) for t in forced]
-                        else:
-                            bitmask = grammar.fill_bitmask() if grammar else None
-                            logits = rows[node + 1]
-                            pick = pick_token(logits, bitmask, params, generator, n_top, choose)
-                            if drafting and drafting.observes:
-                                drafting.observe(context, logits)
-                            if pick.token_id in self.stop_ids:
-                                if grammar is not None:
-                                    grammar.accept(pick.token_id)
-                                self._record(drafting, draft, accepted, emitted)
-                                yield finish("stop", _final_text(detok, stops))
-                                return
-                            if grammar is not None and not grammar.accept(pick.token_id):
-                                raise RuntimeError(
-                                    f"grammar rejected allowed token {pick.token_id}"
-                                )
-                            steps = [(pick.token_id, pick)]
-                        for token, step_pick in steps:
-                            produced += 1
-                            context.append(token)
-                            emitted.append(token)
-                            released, hit_stop = stops.push(detok.push(token))
-                            yield self._event(index, token, released, step_pick)
-                            if hit_stop:
-                                self._record(drafting, draft, accepted, emitted)
-                                yield finish("stop", "")
-                                return
-                        if grammar is not None and grammar.is_terminated():
-                            self._record(drafting, draft, accepted, emitted)
-                            yield finish("stop", _final_text(detok, stops))
-                            return
-                        child = None if forced else children.get((node, steps[0][0]))
-                        if child is None:
-                            break
-                        node = child
-                        accepted.append(child)
-                    # Keep the pending tokens and the accepted drafts; what the walk emitted
-                    # after them (the model's own token or forced text) is fed next pass.
-                    keep_accepted_rows(cache, cached + len(pending), accepted)
-                    pending = emitted[len(accepted) :]
-                    self._record(drafting, draft, accepted, emitted)
+                    step = decoder.walk(rows, draft)
+                    yield from step.events
+                    if step.finished:
+                        return
+                    keep_accepted_rows(cache, cached + len(pending), step.accepted)
+                    pending = step.emitted[len(step.accepted) :]
         finally:
-            if drafting:
-                drafting.close()
+            decoder.close()
+
+    def decoder(self, prepared: PreparedRequest, index: int) -> ChoiceDecoder:
+        """Choice ``index`` of ``prepared``'s decoding state."""
+        return ChoiceDecoder(
+            self, prepared.request, prepared.prompt_ids, prepared.grammar,
+            prepared.max_new_tokens, index,
+        )  # fmt: skip
+
+    def new_grammar_state(self, compiled: CompiledConstraint) -> GrammarState:
+        return self.grammars.new_state(compiled)
+
+    @property
+    def jump_forward_enabled(self) -> bool:
+        return self.config.jump_forward
+
+    @property
+    def spec_tree(self) -> bool:
+        return self.config.spec_tree
 
     def speculation_for(self, request: GenerationRequest) -> str:
         """The request's ``speculation`` setting, or the engine's default for this dtype."""
@@ -463,49 +438,6 @@ class EmbeddedEngine:
         if self.prefix_cache is not None and end > start:
             self.prefix_cache.store(prompt_ids, cache)
         return cache, start, end
-
-    def _draft(
-        self,
-        drafting: DraftSession | None,
-        context: list[int],
-        grammar: GrammarState | None,
-        room: int,
-    ) -> Draft:
-        """A draft after ``context`` (at most ``spec_max_draft`` nodes, ``room`` deep) without
-        the nodes below a stop token or a token the grammar forbids."""
-        if drafting is None or room <= 0:
-            return Draft.empty()
-        draft = drafting.propose(context, self.config.spec_max_draft, self.config.spec_tree)
-        return prune_draft(draft, room, self.stop_ids, grammar)
-
-    @staticmethod
-    def _record(
-        drafting: DraftSession | None, draft: Draft, accepted: list[int], emitted: list[int]
-    ) -> None:
-        """Count one pass and let the drafters index what it emitted."""
-        if drafting is not None:
-            drafting.counter.record(len(draft), len(accepted), len(emitted))
-            drafting.extend(emitted)
-
-    def _jump_forward(self, grammar: GrammarState | None, budget: int) -> list[int]:
-        """Tokens of the text the grammar forces next, all accepted into ``grammar``; at most
-        ``budget`` of them, from at most ``FORCED_CHARS_PER_TOKEN`` characters per token.
-
-        The last token of the forced text is left to the model, so it can merge the forced
-        text's end with what follows as it would without a grammar.
-        """
-        if grammar is None or not self.config.jump_forward or budget <= 0:
-            return []
-        text = grammar.jump_forward(max_chars=budget * FORCED_CHARS_PER_TOKEN)
-        if not text:
-            return []
-        ids = self.tokenizer.encode(text, add_special_tokens=False)[:-1][:budget]
-        accepted: list[int] = []
-        for token in ids:
-            if not grammar.accept(token):
-                break
-            accepted.append(token)
-        return accepted
 
     def _forward(
         self,
@@ -535,14 +467,6 @@ class EmbeddedEngine:
         )
         logits: torch.Tensor = out.logits[0, -keep:].float()
         return logits
-
-    def _event(self, index: int, token: int, text: str, pick: Pick | None) -> TokenEvent:
-        if pick is None:  # forced by the grammar: certain under the constrained distribution
-            return TokenEvent(index, token, text, 0.0, 0.0, 1.0, True)
-        top = tuple(TopLogprob(t, self.token_text(t), lp) for t, lp in pick.top)
-        return TokenEvent(
-            index, token, text, pick.logprob, pick.entropy, pick.allowed_mass, pick.forced, top
-        )
 
     def token_text(self, token_id: int) -> str:
         """One token's own text (for logprobs output)."""
@@ -582,9 +506,3 @@ def timed_choice(
 def _grammar_param(req: GenerationRequest) -> str:
     """The request field a grammar error points at."""
     return "tools" if isinstance(req.constraint, ToolCalls) else "response_format"
-
-
-def _final_text(detok: IncrementalDetokenizer, stops: StopStrings) -> str:
-    """Release what the detokeniser and the stop-string watcher still hold at the end."""
-    released, hit = stops.push(detok.flush())
-    return released if hit else released + stops.flush()

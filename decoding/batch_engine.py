@@ -1,0 +1,226 @@
+"""The embedded engine's batched loop: one thread, one forward pass per step over every sequence.
+
+Requests arrive from any thread (``submit``); each choice becomes a ``Sequence`` for the
+scheduler and a ``ChoiceDecoder`` for its tokens. A step is: schedule (admit, chunk, preempt)
+→ draft for the sequences that sample → one ``run_batch`` pass → walk each sampling
+sequence's rows → keep accepted draft rows, commit whole blocks → send each request its
+events. Cancellation (client gone, timeout) is read at every step and frees the sequence's
+blocks; an error in one sequence fails its request only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from decoding.backend import FinishEvent
+from decoding.block_manager import BlockManager
+from decoding.choice import ChoiceDecoder
+from decoding.paged import KVPool, SequencePass, run_batch
+from decoding.scheduler import Scheduler, SchedulerConfig, Sequence, Work
+from decoding.types import TokenEvent
+from schemas.errors import GenerationCancelled
+from spec.draft import Draft
+
+if TYPE_CHECKING:
+    from decoding.engine import EmbeddedEngine, PreparedRequest
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BatchConfig", "BatchLoop"]
+
+Sink = Callable[[TokenEvent | FinishEvent | BaseException | None], None]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchConfig:
+    """``kv_cache_mb``: key/value memory (at least one full-context sequence always fits);
+    ``block_size``: positions per block; the rest is ``SchedulerConfig``."""
+
+    kv_cache_mb: int = 1024
+    block_size: int = 16
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    """One submitted request: its choices and where their events go (``None`` ends it)."""
+
+    sink: Sink
+    cancel: threading.Event
+    open: int  # choices not yet finished
+    failed: bool = False
+
+
+class BatchLoop:
+    """Serves one engine's requests on one thread, many sequences per pass."""
+
+    def __init__(self, engine: EmbeddedEngine, config: BatchConfig) -> None:
+        self.engine = engine
+        model = engine.model
+        per_token = KVPool.bytes_per_token(model)
+        slots = max(config.kv_cache_mb * 2**20 // per_token, engine.context_length + 1)
+        self.blocks = BlockManager(-(-slots // config.block_size), config.block_size)
+        self.pool = KVPool(model, self.blocks.num_blocks * config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.scheduler)
+        self._decoders: dict[Sequence, tuple[ChoiceDecoder, _Request]] = {}
+        self._inbox: list[tuple[PreparedRequest, _Request]] = []
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.steps = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"batch-{engine.config.name}", daemon=True
+        )
+        self._thread.start()
+
+    # ---- from any thread -----------------------------------------------------------------------
+
+    def submit(self, prepared: PreparedRequest, cancel: threading.Event, sink: Sink) -> None:
+        """Queue ``prepared``'s choices; their events go to ``sink`` (from the loop's thread),
+        then ``None``; an error goes to ``sink`` as the exception, then ``None``."""
+        request = _Request(sink, cancel, prepared.request.params.n)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._inbox.append((prepared, request))
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(waiting, running) sequences now."""
+        return len(self.scheduler.waiting), len(self.scheduler.running)
+
+    # ---- the loop's thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._inbox and self.scheduler.idle and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    break
+                arrivals, self._inbox = self._inbox, []
+            try:
+                for prepared, request in arrivals:
+                    self._add(prepared, request)
+                self._drop_cancelled()
+                work = self.scheduler.schedule()
+                if work:
+                    self._step(work)
+            except BaseException as exc:  # a bug in the loop: fail everyone, keep serving
+                log.exception("batch step failed")
+                for seq in list(self._decoders):
+                    self._fail(seq, exc)
+        for seq in list(self._decoders):
+            self._fail(seq, RuntimeError("the engine was closed"))
+
+    def _add(self, prepared: PreparedRequest, request: _Request) -> None:
+        first: Sequence | None = None
+        for index in range(prepared.request.params.n):
+            decoder = self.engine.decoder(prepared, index)
+            seq = Sequence(next(self._ids), decoder.context, len(prepared.prompt_ids), first)
+            first = first or seq
+            self._decoders[seq] = (decoder, request)
+            self.scheduler.add(seq)
+
+    def _drop_cancelled(self) -> None:
+        for seq, (_, request) in list(self._decoders.items()):
+            if request.cancel.is_set():
+                self._fail(seq, GenerationCancelled("generation cancelled: the client went away"))
+
+    def _step(self, work: list[Work]) -> None:
+        """One pass: drafts, the forward, the walks."""
+        drafts: list[Draft] = []
+        passes: list[SequencePass] = []
+        for item in work:
+            seq = item.seq
+            decoder = self._decoders[seq][0]
+            draft = decoder.draft(item.draft) if item.samples else Draft.empty()
+            ids = seq.tokens[seq.computed : seq.computed + item.tokens] + list(draft.token_ids)
+            logits = 1 + len(draft) if item.samples else 0
+            passes.append(
+                SequencePass(ids, seq.computed, self._slots(seq, len(ids)), draft.parents, logits)
+            )
+            drafts.append(draft)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            rows = run_batch(self.engine.model, self.pool, passes)
+        share = (time.perf_counter() - started) / sum(len(p.ids) for p in passes)
+        self.steps += 1
+        for item, fed, found, draft in zip(work, passes, rows, drafts, strict=True):
+            seq = item.seq
+            decoder, request = self._decoders[seq]
+            decoder.compute_s += share * len(fed.ids)
+            seq.computed += item.tokens
+            if seq.reused is not None:
+                decoder.reused = seq.reused
+            if not item.samples:
+                self.scheduler.commit(seq)
+                continue
+            try:
+                walked = decoder.walk(found, draft)
+            except Exception as exc:
+                self._fail(seq, exc)
+                continue
+            self._keep(seq, walked.accepted)
+            self.scheduler.commit(seq)
+            for event in walked.events:
+                if isinstance(event, FinishEvent):
+                    event = replace(event, compute_s=decoder.compute_s)
+                request.sink(event)
+            if walked.finished:
+                self._end(seq)
+
+    def _slots(self, seq: Sequence, new: int) -> list[int]:
+        """Pool slots of ``seq``'s positions up to ``computed + new``."""
+        size = self.blocks.block_size
+        return [
+            seq.blocks[p // size] * size + p % size for p in range(seq.computed + new)
+        ]  # fmt: skip
+
+    def _keep(self, seq: Sequence, accepted: list[int]) -> None:
+        """Move the accepted draft nodes' rows to the positions after the fed tokens."""
+        base = seq.computed
+        size = self.blocks.block_size
+
+        def slot(position: int) -> int:
+            return seq.blocks[position // size] * size + position % size
+
+        moves = [(slot(base + node), slot(base + depth)) for depth, node in enumerate(accepted)]
+        moved = [(src, dst) for src, dst in moves if src != dst]
+        self.pool.copy_rows([s for s, _ in moved], [d for _, d in moved])
+        seq.computed += len(accepted)
+
+    def _end(self, seq: Sequence) -> None:
+        decoder, request = self._decoders.pop(seq)
+        decoder.close()
+        self.scheduler.finish(seq)
+        request.open -= 1
+        if request.open == 0 and not request.failed:
+            request.sink(None)
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        """End ``seq``'s request with ``exc`` (its other choices are dropped too)."""
+        decoder, request = self._decoders.pop(seq)
+        decoder.close()
+        self.scheduler.finish(seq)
+        if not request.failed:
+            request.failed = True
+            request.sink(exc)
+            request.sink(None)
+        for other, (_, owner) in list(self._decoders.items()):
+            if owner is request:
+                self._fail(other, exc)

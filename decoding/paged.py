@@ -1,0 +1,181 @@
+"""One forward pass over many sequences: ragged rows, key/value rows in a shared slot pool.
+
+The batched engine flattens every running sequence's new tokens (one decode row, a prefill
+chunk, a verification pass's pending token and draft nodes) into one ``[1, T]`` input, so the
+weight-bound linear layers read the weights once for all of them. transformers runs the model
+as usual (its norms, rotary embeddings, MLPs: the same numerics as the serial engine); only
+attention differs. With ``paged=PagedBatch`` among the forward's keyword arguments (they reach
+the attention function), :func:`paged_attention` writes each new token's key/value row into
+its slot of the :class:`KVPool` and attends each sequence's queries to its own slots: the
+cached ones in position order, then its new tokens under its own mask (causal for a chain, the
+tree mask for a draft). Sequences never see each other's rows.
+
+Slots are handed out in fixed-size blocks by ``decoding.block_manager``; a slot index is
+``block * block_size + offset``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kernels.tree_mask import build_tree_mask
+
+__all__ = ["KVPool", "PagedBatch", "SequenceRows", "paged_attention", "run_batch"]
+
+
+class KVPool:
+    """Key/value rows of every layer for ``num_slots`` token positions (``[kv_heads, slots,
+    head_dim]`` per layer), owned by one engine and written only by its scheduler thread."""
+
+    def __init__(self, model: Any, num_slots: int) -> None:
+        config = model.config
+        heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", heads))
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        self.layers = int(config.num_hidden_layers)
+        self.num_slots = num_slots
+        shape = (self.kv_heads, num_slots, self.head_dim)
+        device, dtype = model.device, model.dtype
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)]
+
+    @staticmethod
+    def bytes_per_token(model: Any) -> int:
+        """What one token position costs in the pool (keys and values of every layer)."""
+        config = model.config
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", heads))
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        item = torch.empty((), dtype=model.dtype).element_size()
+        return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * item
+
+    def copy_rows(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Copy the rows of slots ``src`` into slots ``dst`` in every layer (accepted draft
+        nodes move to the positions after the cached ones)."""
+        if not src:
+            return
+        source = torch.tensor(list(src), device=self.keys[0].device)
+        target = torch.tensor(list(dst), device=self.keys[0].device)
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys.index_copy_(1, target, keys.index_select(1, source))
+            values.index_copy_(1, target, values.index_select(1, source))
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceRows:
+    """One sequence's part of a pass: ``length`` query rows from ``start`` of the flat input,
+    its key/value ``slots`` (cached positions, then one per new row), and the mask of its new
+    rows over those slots (None: a single row, which sees everything)."""
+
+    start: int
+    length: int
+    slots: torch.Tensor  # [cached + length] int64
+    mask: torch.Tensor | None  # [groups * length, cached + length] bool, query heads folded
+
+
+@dataclass(frozen=True, slots=True)
+class PagedBatch:
+    pool: KVPool
+    rows: tuple[SequenceRows, ...]
+    write_slots: torch.Tensor  # [T] int64: where each new row's key/value goes
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    batch: PagedBatch,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Attention of a flattened pass (``query`` ``[1, heads, T, d]``, ``key``/``value`` the new
+    rows ``[1, kv_heads, T, d]``); returns ``[1, T, heads, d]``. Query heads are folded onto
+    their key/value head as in ``decoding.attention.grouped_sdpa``."""
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    keys, values = batch.pool.keys[layer], batch.pool.values[layer]
+    keys.index_copy_(1, batch.write_slots, key[0])
+    values.index_copy_(1, batch.write_slots, value[0])
+    _, heads, total, dim = query.shape
+    kv_heads = keys.shape[0]
+    groups = heads // kv_heads
+    out = torch.empty(total, heads, dim, dtype=query.dtype, device=query.device)
+    for part in batch.rows:
+        q = query[0, :, part.start : part.start + part.length]  # [heads, q, d]
+        folded = q.reshape(kv_heads, groups * part.length, dim)
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            folded,
+            keys.index_select(1, part.slots),
+            values.index_select(1, part.slots),
+            attn_mask=part.mask,
+            scale=scaling,
+        )
+        out[part.start : part.start + part.length] = attended.reshape(
+            heads, part.length, dim
+        ).transpose(0, 1)
+    return out[None]
+
+
+@dataclass(frozen=True, slots=True)
+class SequencePass:
+    """What one sequence feeds a pass: ``ids`` after ``cached`` positions held in ``slots``
+    (``len(slots) >= cached + len(ids)``; the new rows go to ``slots[cached:cached+len(ids)]``),
+    the draft's ``parents`` for its last ``len(parents)`` ids (a chain when all are ``i-1``),
+    and how many of its last rows' logits are wanted (0: a prefill chunk)."""
+
+    ids: Sequence[int]
+    cached: int
+    slots: Sequence[int]
+    parents: Sequence[int] = ()
+    logits: int = 1
+
+
+def run_batch(model: Any, pool: KVPool, passes: Sequence[SequencePass]) -> list[torch.Tensor]:
+    """One forward pass over ``passes``; returns each pass's wanted logits rows (float32,
+    ``[logits, vocab]``, empty for a prefill chunk)."""
+    device = model.device
+    ids: list[int] = []
+    positions: list[torch.Tensor] = []
+    writes: list[int] = []
+    rows: list[SequenceRows] = []
+    keep: list[int] = []
+    heads = int(model.config.num_attention_heads)
+    groups = heads // pool.kv_heads
+    for p in passes:
+        n = len(ids)
+        length = len(p.ids)
+        n_draft = len(p.parents)
+        slots = list(p.slots[: p.cached + length])
+        if length == 1:
+            mask = None
+            position = torch.tensor([p.cached], device=device)
+        else:
+            tree, position = build_tree_mask(list(p.parents), p.cached, length - n_draft, device)
+            mask = tree[None].expand(groups, length, p.cached + length)
+            mask = mask.reshape(groups * length, p.cached + length)
+        ids.extend(p.ids)
+        positions.append(position)
+        writes.extend(slots[p.cached :])
+        rows.append(SequenceRows(n, length, torch.tensor(slots, device=device), mask))
+        keep.extend(range(n + length - p.logits, n + length))
+    batch = PagedBatch(pool, tuple(rows), torch.tensor(writes, device=device))
+    # A 4D mask is taken as prepared; the attention ignores it and reads ``paged``.
+    unused_mask = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=device)
+    out = model(
+        input_ids=torch.tensor([ids], device=device),
+        position_ids=torch.cat(positions)[None],
+        attention_mask=unused_mask,
+        use_cache=False,
+        logits_to_keep=torch.tensor(keep, device=device),
+        paged=batch,
+    )
+    logits: torch.Tensor = out.logits[0].float()
+    result: list[torch.Tensor] = []
+    offset = 0
+    for p in passes:
+        result.append(logits[offset : offset + p.logits])
+        offset += p.logits
+    return result
