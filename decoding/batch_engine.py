@@ -23,7 +23,7 @@ import torch
 from decoding.backend import FinishEvent
 from decoding.block_manager import BlockManager
 from decoding.choice import ChoiceDecoder
-from decoding.paged import KVPool, SequencePass, run_batch
+from decoding.paged import KVPool, SequencePass, block_slots, run_batch
 from decoding.scheduler import Scheduler, SchedulerConfig, Sequence, Work
 from decoding.types import TokenEvent
 from schemas.errors import GenerationCancelled
@@ -41,10 +41,12 @@ Sink = Callable[[TokenEvent | FinishEvent | BaseException | None], None]
 
 @dataclass(frozen=True, slots=True)
 class BatchConfig:
-    """``kv_cache_mb``: key/value memory (at least one full-context sequence always fits);
+    """``kv_cache_mb``: key/value memory, or ``kv_cache_tokens`` positions when set (tests);
+    a request must fit in it alone (``capacity``, checked when it is prepared);
     ``block_size``: positions per block; the rest is ``SchedulerConfig``."""
 
     kv_cache_mb: int = 1024
+    kv_cache_tokens: int | None = None
     block_size: int = 16
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -65,11 +67,14 @@ class BatchLoop:
     def __init__(self, engine: EmbeddedEngine, config: BatchConfig) -> None:
         self.engine = engine
         model = engine.model
-        per_token = KVPool.bytes_per_token(model)
-        slots = max(config.kv_cache_mb * 2**20 // per_token, engine.context_length + 1)
+        slots = config.kv_cache_tokens or config.kv_cache_mb * 2**20 // KVPool.bytes_per_token(
+            model
+        )
         self.blocks = BlockManager(-(-slots // config.block_size), config.block_size)
         self.pool = KVPool(model, self.blocks.num_blocks * config.block_size)
         self.scheduler = Scheduler(self.blocks, config.scheduler)
+        # The longest context one sequence may reach (its last position needs no row).
+        self.capacity = self.blocks.num_blocks * config.block_size
         self._decoders: dict[Sequence, tuple[ChoiceDecoder, _Request]] = {}
         self._inbox: list[tuple[PreparedRequest, _Request]] = []
         self._ids = itertools.count()
@@ -151,9 +156,8 @@ class BatchLoop:
             draft = decoder.draft(item.draft) if item.samples else Draft.empty()
             ids = seq.tokens[seq.computed : seq.computed + item.tokens] + list(draft.token_ids)
             logits = 1 + len(draft) if item.samples else 0
-            passes.append(
-                SequencePass(ids, seq.computed, self._slots(seq, len(ids)), draft.parents, logits)
-            )
+            slots = block_slots(seq.blocks, self.blocks.block_size, seq.computed + len(ids))
+            passes.append(SequencePass(ids, seq.computed, slots, draft.parents, logits))
             drafts.append(draft)
         started = time.perf_counter()
         with torch.inference_mode():
@@ -183,13 +187,6 @@ class BatchLoop:
                 request.sink(event)
             if walked.finished:
                 self._end(seq)
-
-    def _slots(self, seq: Sequence, new: int) -> list[int]:
-        """Pool slots of ``seq``'s positions up to ``computed + new``."""
-        size = self.blocks.block_size
-        return [
-            seq.blocks[p // size] * size + p % size for p in range(seq.computed + new)
-        ]  # fmt: skip
 
     def _keep(self, seq: Sequence, accepted: list[int]) -> None:
         """Move the accepted draft nodes' rows to the positions after the fed tokens."""

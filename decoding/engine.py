@@ -258,6 +258,16 @@ class EmbeddedEngine:
                 f"However, your messages resulted in {len(prompt_ids)} tokens.",
                 param="messages",
             )
+        if self.batch is not None:  # one sequence must fit in the batch's key/value memory
+            memory = self.batch.capacity
+            if len(prompt_ids) + (req.params.max_tokens or 1) > memory:
+                raise ContextLengthError(
+                    f"This model's key/value memory holds {memory} tokens (kv_cache_mb). "
+                    f"However, your request needs {len(prompt_ids)} in the messages plus "
+                    f"{req.params.max_tokens or 1} in the completion.",
+                    param="messages" if len(prompt_ids) >= memory else "max_tokens",
+                )
+            room = min(room, memory - len(prompt_ids))
         max_tokens = req.params.max_tokens
         if max_tokens is not None and max_tokens > room:
             raise ContextLengthError(

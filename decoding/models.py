@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 
 from decoding.backend import Backend
+from decoding.batch_engine import BatchConfig
 from decoding.engine import EmbeddedEngine, EngineConfig
 from decoding.engine_choice import parse_grammar_engine
 from decoding.grammar_compile import GrammarLimits
@@ -18,6 +19,7 @@ from decoding.grammar_state import GRAMMAR_ENGINES
 from decoding.loader import LoadedModel, default_cache_dir, load_gguf_source, load_model_dir
 from decoding.openai_compat import OpenAICompatBackend, RemoteConfig
 from decoding.resilience import RetryPolicy
+from decoding.scheduler import SchedulerConfig
 from decoding.weights import QWEN25_CODER_05B, QWEN25_CODER_15B, SMOLLM2_135M, GGUFSource
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,12 @@ class ModelSpec:
     prefix_cache_tokens: int = 32768  # embedded: prompt rows kept for reuse (0: off)
     max_prompt_tokens: int | None = None  # embedded: longer prompts skip to the next tier
     grammar_engine: str = "auto"  # embedded: auto, xgrammar or llguidance (decoding.engine_choice)
+    # embedded: continuous batching (decoding.batch_engine) with its key/value memory in MiB,
+    # rows per forward pass and sequences decoding at once; False: one request at a time.
+    batching: bool = False
+    kv_cache_mb: int = 1024
+    max_batch_tokens: int = 256
+    max_running: int = 16
 
     def __post_init__(self) -> None:
         prices = (
@@ -147,6 +155,10 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: prefix_cache_tokens must be >= 0")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"model {self.name!r}: max_prompt_tokens must be >= 1 (or null)")
+        if self.kv_cache_mb < 1 or self.max_batch_tokens < 1 or self.max_running < 1:
+            raise ValueError(
+                f"model {self.name!r}: kv_cache_mb, max_batch_tokens and max_running must be >= 1"
+            )
         if self.grammar_engine not in GRAMMAR_ENGINES:
             raise ValueError(
                 f"model {self.name!r}: grammar_engine must be one of {', '.join(GRAMMAR_ENGINES)}"
@@ -242,6 +254,13 @@ def load_engine(
         spec_max_draft=spec.spec_max_draft,
         prefix_cache_tokens=spec.prefix_cache_tokens,
         grammar_engine=parse_grammar_engine(spec.grammar_engine),
+        batching=spec.batching,
+        batch=BatchConfig(
+            kv_cache_mb=spec.kv_cache_mb,
+            scheduler=SchedulerConfig(
+                spec.max_batch_tokens, spec.max_running, max_draft=spec.spec_max_draft
+            ),
+        ),
     )
     return EmbeddedEngine(loaded, config)
 

@@ -24,7 +24,10 @@ import torch
 
 from kernels.tree_mask import build_tree_mask
 
-__all__ = ["KVPool", "PagedBatch", "SequenceRows", "paged_attention", "run_batch"]
+__all__ = [
+    "KVPool", "PagedBatch", "SequencePass", "SequenceRows", "block_slots", "paged_attention",
+    "run_batch",
+]  # fmt: skip
 
 
 class KVPool:
@@ -128,9 +131,19 @@ class SequencePass:
 
     ids: Sequence[int]
     cached: int
-    slots: Sequence[int]
+    slots: torch.Tensor  # int64
     parents: Sequence[int] = ()
     logits: int = 1
+
+
+def block_slots(blocks: Sequence[int], block_size: int, positions: int) -> torch.Tensor:
+    """Pool slots of the first ``positions`` positions of a sequence holding ``blocks``.
+
+    >>> block_slots([3, 1], 4, 6).tolist()
+    [12, 13, 14, 15, 4, 5]
+    """
+    table = torch.tensor(list(blocks), dtype=torch.int64)
+    return (table[:, None] * block_size + torch.arange(block_size)).flatten()[:positions]
 
 
 def run_batch(model: Any, pool: KVPool, passes: Sequence[SequencePass]) -> list[torch.Tensor]:
@@ -139,7 +152,7 @@ def run_batch(model: Any, pool: KVPool, passes: Sequence[SequencePass]) -> list[
     device = model.device
     ids: list[int] = []
     positions: list[torch.Tensor] = []
-    writes: list[int] = []
+    writes: list[torch.Tensor] = []
     rows: list[SequenceRows] = []
     keep: list[int] = []
     heads = int(model.config.num_attention_heads)
@@ -148,7 +161,7 @@ def run_batch(model: Any, pool: KVPool, passes: Sequence[SequencePass]) -> list[
         n = len(ids)
         length = len(p.ids)
         n_draft = len(p.parents)
-        slots = list(p.slots[: p.cached + length])
+        slots = p.slots[: p.cached + length].to(device)
         if length == 1:
             mask = None
             position = torch.tensor([p.cached], device=device)
@@ -158,10 +171,10 @@ def run_batch(model: Any, pool: KVPool, passes: Sequence[SequencePass]) -> list[
             mask = mask.reshape(groups * length, p.cached + length)
         ids.extend(p.ids)
         positions.append(position)
-        writes.extend(slots[p.cached :])
-        rows.append(SequenceRows(n, length, torch.tensor(slots, device=device), mask))
+        writes.append(slots[p.cached :])
+        rows.append(SequenceRows(n, length, slots, mask))
         keep.extend(range(n + length - p.logits, n + length))
-    batch = PagedBatch(pool, tuple(rows), torch.tensor(writes, device=device))
+    batch = PagedBatch(pool, tuple(rows), torch.cat(writes))
     # A 4D mask is taken as prepared; the attention ignores it and reads ``paged``.
     unused_mask = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=device)
     out = model(

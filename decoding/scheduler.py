@@ -116,22 +116,30 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.release(seq.blocks)
-        seq.blocks = []
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Give ``seq``'s blocks back, last first: a released prefix is then evicted from its
+        tail, so its head stays findable (lookups walk from the first block)."""
+        self.blocks.release(seq.blocks[::-1])
+        seq.blocks, seq.computed, seq.committed = [], 0, 0
 
     def schedule(self) -> list[Work]:
         """The next pass's work; may preempt running sequences and admit waiting ones."""
         budget = self.config.max_batch_tokens
         work: list[Work] = []
         each = draft_budget(self.config.max_draft, len(self.running))
-        for seq in list(self.running):
+        for order, seq in enumerate(list(self.running)):
             if seq not in self.running or budget <= 0:
                 continue  # preempted for an older one, or no room left this pass
             take = self._chunk(seq, budget)
-            draft = min(each, budget - take) if take == seq.pending else 0
-            if not self._reserve(seq, take + draft) and not self._reserve(seq, take):
-                self._preempt(seq)
-                continue
+            later = len(self.running) - order - 1  # a row each is kept for the younger ones
+            draft = max(0, min(each, budget - take - later)) if take == seq.pending else 0
+            if not draft or not self._fits(seq, take + draft):  # never preempt for a draft
+                draft = 0
+                if not self._reserve(seq, take):
+                    self._preempt(seq)
+                    continue
             work.append(Work(seq, take, draft, take == seq.pending))
             budget -= take + draft
         while self.waiting and len(self.running) < self.config.max_running and budget > 0:
@@ -167,6 +175,15 @@ class Scheduler:
             take = aligned if aligned > 0 else take
         return take
 
+    def _fits(self, seq: Sequence, tokens: int) -> bool:
+        """Blocks for ``seq``'s next ``tokens`` positions if they are free (no preemption)."""
+        need = self.blocks.blocks_for(seq.computed + tokens) - len(seq.blocks)
+        if need > 0 and not self.blocks.can_allocate(need):
+            return False
+        if need > 0:
+            seq.blocks.extend(self.blocks.allocate(need))
+        return True
+
     def _reserve(self, seq: Sequence, tokens: int) -> bool:
         """Blocks for ``seq``'s next ``tokens`` positions, preempting younger sequences when
         memory is short; False when even that is not enough."""
@@ -187,14 +204,13 @@ class Scheduler:
         found = self.blocks.lookup(seq.tokens, limit)
         self.blocks.acquire(found)
         seq.blocks = list(found)
-        seq.computed = seq.committed = len(found) * self.blocks.block_size
+        seq.computed, seq.committed = len(found) * self.blocks.block_size, len(found)
         if seq.reused is None:
             seq.reused = seq.computed
         take = self._chunk(seq, budget)
         need = self.blocks.blocks_for(seq.computed + take) - len(seq.blocks)
         if not self.blocks.can_allocate(need):
-            self.blocks.release(seq.blocks)
-            seq.blocks, seq.computed, seq.committed = [], 0, 0
+            self._release(seq)
             return 0
         seq.blocks.extend(self.blocks.allocate(need))
         return take
@@ -202,7 +218,6 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks and put it first in line; it is recomputed from its tokens."""
         self.running.remove(seq)
-        self.blocks.release(seq.blocks)
-        seq.blocks, seq.computed, seq.committed = [], 0, 0
+        self._release(seq)
         self.waiting.appendleft(seq)
         self.preemptions += 1

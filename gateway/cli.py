@@ -60,6 +60,7 @@ BENCHMARKS = {
     "spec": "benchmarks.spec_bench",
     "ledger": "benchmarks.ledger_bench",
     "soak": "benchmarks.soak_bench",
+    "serve": "benchmarks.serve_bench",
 }
 
 
