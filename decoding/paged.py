@@ -78,6 +78,14 @@ class SequenceRows:
     length: int
     slots: torch.Tensor  # [cached + length] int64
     mask: torch.Tensor | None  # [groups * length, cached + length] bool, query heads folded
+    span: tuple[int, int] | None = None  # the slots as one run [first, last + 1), when they are
+    causal: bool = False  # a chain with nothing cached: SDPA's causal kernel, no mask
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        """This sequence's rows of one layer's keys or values (a view when they are one run)."""
+        if self.span is not None:
+            return rows[:, self.span[0] : self.span[1]]
+        return rows.index_select(1, self.slots)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,23 +110,24 @@ def paged_attention(
     keys, values = batch.pool.keys[layer], batch.pool.values[layer]
     keys.index_copy_(1, batch.write_slots, key[0])
     values.index_copy_(1, batch.write_slots, value[0])
-    _, heads, total, dim = query.shape
+    _, heads, _, dim = query.shape
     kv_heads = keys.shape[0]
     groups = heads // kv_heads
-    out = torch.empty(total, heads, dim, dtype=query.dtype, device=query.device)
+    parts: list[torch.Tensor] = []
     for part in batch.rows:
         q = query[0, :, part.start : part.start + part.length]  # [heads, q, d]
-        folded = q.reshape(kv_heads, groups * part.length, dim)
-        attended = torch.nn.functional.scaled_dot_product_attention(
-            folded,
-            keys.index_select(1, part.slots),
-            values.index_select(1, part.slots),
-            attn_mask=part.mask,
-            scale=scaling,
-        )
-        out[part.start : part.start + part.length] = attended.reshape(
-            heads, part.length, dim
-        ).transpose(0, 1)
+        if part.causal:  # SDPA maps query heads to key/value heads itself
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                q, part.read(keys), part.read(values), is_causal=True, scale=scaling,
+                enable_gqa=True,
+            )  # fmt: skip
+        else:
+            folded = q.reshape(kv_heads, groups * part.length, dim)
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                folded, part.read(keys), part.read(values), attn_mask=part.mask, scale=scaling
+            )
+        parts.append(attended.reshape(heads, part.length, dim).transpose(0, 1))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out[None]
 
 
@@ -162,9 +171,10 @@ def run_batch(model: Any, pool: KVPool, passes: Sequence[SequencePass]) -> list[
         length = len(p.ids)
         n_draft = len(p.parents)
         slots = p.slots[: p.cached + length].to(device)
-        if length == 1:
+        causal = length > 1 and p.cached == 0 and n_draft == 0
+        if length == 1 or causal:
             mask = None
-            position = torch.tensor([p.cached], device=device)
+            position = torch.arange(p.cached, p.cached + length, device=device)
         else:
             tree, position = build_tree_mask(list(p.parents), p.cached, length - n_draft, device)
             mask = tree[None].expand(groups, length, p.cached + length)
@@ -172,7 +182,9 @@ def run_batch(model: Any, pool: KVPool, passes: Sequence[SequencePass]) -> list[
         ids.extend(p.ids)
         positions.append(position)
         writes.append(slots[p.cached :])
-        rows.append(SequenceRows(n, length, slots, mask))
+        first, last = int(slots[0]), int(slots[-1])
+        span = (first, last + 1) if last - first + 1 == len(slots) and _ascending(slots) else None
+        rows.append(SequenceRows(n, length, slots, mask, span, causal))
         keep.extend(range(n + length - p.logits, n + length))
     batch = PagedBatch(pool, tuple(rows), torch.cat(writes))
     # A 4D mask is taken as prepared; the attention ignores it and reads ``paged``.
@@ -192,3 +204,8 @@ def run_batch(model: Any, pool: KVPool, passes: Sequence[SequencePass]) -> list[
         result.append(logits[offset : offset + p.logits])
         offset += p.logits
     return result
+
+
+def _ascending(slots: torch.Tensor) -> bool:
+    """Whether ``slots`` step by one (a run of consecutive slots)."""
+    return len(slots) < 2 or bool((slots[1:] - slots[:-1] == 1).all())

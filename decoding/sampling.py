@@ -54,8 +54,10 @@ def pick_token(
     """
     logits = logits.float()
     masked = mask_logits(logits, bitmask)
-    allowed = torch.isfinite(masked)
-    n_allowed = int(allowed.sum())
+    # Without a grammar every token is allowed (a model's logits are finite): the allowed set
+    # is only computed when a mask made some of them -inf.
+    allowed = torch.isfinite(masked) if bitmask is not None else None
+    n_allowed = int(allowed.sum()) if allowed is not None else masked.numel()
     if n_allowed == 0:
         raise UnsatisfiableSchemaError(
             "the grammar allows no next token: the schema cannot be satisfied from here",
@@ -65,7 +67,10 @@ def pick_token(
     logprobs = masked - norm
     allowed_mass = 1.0 if bitmask is None else math.exp(float(norm - torch.logsumexp(logits, -1)))
     probs = logprobs.exp()
-    entropy = float(-(probs[allowed] * logprobs[allowed]).sum())
+    if allowed is None:
+        entropy = float(-(probs * logprobs).sum())
+    else:
+        entropy = float(-(probs[allowed] * logprobs[allowed]).sum())
 
     if params.greedy or n_allowed == 1:
         token = int(torch.argmax(masked))

@@ -90,15 +90,15 @@ async def test_prepare_async_matches_prepare(slm: EmbeddedEngine) -> None:
 def test_jump_forward_uses_no_more_forced_text_than_the_tokens_left(slm: EmbeddedEngine) -> None:
     schema = {"type": "string", "const": "abcdefgh" * 500}
     req = GenerationRequest(user("x"), GREEDY, JsonSchema(schema))
-    compiled = slm.prepare(req).grammar
+    prepared = slm.prepare(req)
+    compiled = prepared.grammar
     assert compiled is not None
     forced = slm.grammars.new_state(compiled).jump_forward()
     assert len(forced) == 4002
-    state = slm.grammars.new_state(compiled)
-    ids = slm._jump_forward(state, budget=3)
+    ids = slm.decoder(prepared, 0)._jump_forward(budget=3)
     assert 1 <= len(ids) <= 3
     assert forced.startswith(slm.tokenizer.decode(ids))
-    assert slm._jump_forward(slm.grammars.new_state(compiled), budget=0) == []
+    assert slm.decoder(prepared, 0)._jump_forward(budget=0) == []
 
 
 @pytest.mark.slow
