@@ -348,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from decoding.models import ModelSpec, load_engine
 
-    engine = load_engine(ModelSpec(args.model, MODELS[args.model], dtype=args.dtype))
+    # The serial engine: this benchmark swaps its prefix cache and drafters per arm.
+    engine = load_engine(
+        ModelSpec(args.model, MODELS[args.model], dtype=args.dtype, batching=False)
+    )
     if args.max_draft is not None:
         engine.config = replace(engine.config, spec_max_draft=args.max_draft)
     engine.config = replace(engine.config, spec_tree=not args.paths)

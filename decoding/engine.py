@@ -7,10 +7,14 @@ grammar forbids it; a branching tree is fed with a tree attention mask) and yiel
 row per node; the same steps then walk from the root to the child whose token the model picks,
 and the cache keeps only that branch, so the output is the plain loop's
 (``decoding.speculative``). Prompts are prefilled in position-aligned blocks that a prefix
-cache reuses across requests (``decoding.prefix_cache``). Generation runs on one worker thread
-per model, so concurrent callers queue instead of sharing a cache; each request owns its own
-cache, generator and grammar matcher, while the drafters are shared and learn from every
-request's output.
+cache reuses across requests (``decoding.prefix_cache``). Each choice's decoding state
+(grammar matcher, generator, detokeniser, drafts) is a ``decoding.choice.ChoiceDecoder``; the
+drafters are shared and learn from every request's output.
+
+Two ways to run the passes: with ``batching`` (the default for configured models) one loop
+thread runs one forward pass per step over every running sequence, their key/value rows in a
+shared block pool (``decoding.batch_engine``); without it, one worker thread decodes one
+request at a time with its own cache (the serial engine, the reference for exactness tests).
 """
 
 from __future__ import annotations
@@ -186,9 +190,9 @@ class EmbeddedEngine:
             compute_cores=torch.get_num_threads(),
         )
         self.drafters = DrafterPool(config.suffix, config.stand)
-        self.prefix_cache = (
+        self.prefix_cache = (  # the serial path's; the batch loop shares blocks instead
             PrefixCache(config.prefill_block, config.prefix_cache_tokens)
-            if config.prefix_cache_tokens
+            if config.prefix_cache_tokens and not config.batching
             else None
         )
         self.default_speculation = (

@@ -104,7 +104,7 @@ class ModelSpec:
     grammar_engine: str = "auto"  # embedded: auto, xgrammar or llguidance (decoding.engine_choice)
     # embedded: continuous batching (decoding.batch_engine) with its key/value memory in MiB,
     # rows per forward pass and sequences decoding at once; False: one request at a time.
-    batching: bool = False
+    batching: bool = True
     kv_cache_mb: int = 1024
     max_batch_tokens: int = 256
     max_running: int = 16
