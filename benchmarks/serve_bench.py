@@ -218,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     ledger_url = f"sqlite:///{tempfile.mkdtemp(prefix='serve-bench-')}/ledger.sqlite3"
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    server, thread, base = start_gateway(args, ledger_url)
-    arms = {a: (base, a) for a in args.arms if a != "vllm"}
+    local = [a for a in args.arms if a != "vllm"]
+    server, thread, base = start_gateway(args, ledger_url) if local else (None, None, "")
+    arms = {a: (base, a) for a in local}
     if "vllm" in args.arms:
         arms["vllm"] = (args.vllm_url.rstrip("/"), args.vllm_model)
     warm = workload(3)
@@ -242,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({arm: row["arms"][arm]}), flush=True)
             result["levels"].append(row)
     finally:
-        server.should_exit = True
-        thread.join(timeout=60)  # the app's shutdown writes what the ledger still queues
-    rows = ledger_rows(ledger_url)
+        if server is not None and thread is not None:
+            server.should_exit = True
+            thread.join(timeout=60)  # the app's shutdown writes what the ledger still queues
+    rows = ledger_rows(ledger_url) if local else {}
     result["ledger"] = {a: {"sent": sent[a], "rows": rows.get(a, 0)} for a in arms if a != "vllm"}
     print(render_report(result))
     if args.json:

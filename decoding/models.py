@@ -65,7 +65,11 @@ class ModelSpec:
 
     Embedded models take ``speculation`` (``auto``: by dtype, see ``EngineConfig``; ``none``,
     ``suffix``, ``stand``, ``both``) and ``spec_max_draft``; routes and requests may override it.
-    ``prefix_cache_tokens`` bounds the prompt rows kept for reuse by later requests (0: off).
+    ``batching`` (default) serves many requests per forward pass (``decoding.batch_engine``)
+    within ``kv_cache_mb`` of key/value memory, ``max_batch_tokens`` rows per pass and
+    ``max_running`` requests at once; ``batching: false`` decodes one request at a time.
+    ``prefix_cache_tokens`` bounds the prompt rows the serial engine keeps for reuse by later
+    requests (0: off); the batched engine shares whole blocks of its memory instead.
     ``max_prompt_tokens`` caps this model's prompts (None: its context length, or the
     gateway's ``limits.max_prompt_tokens``; the smaller one applies).
 
