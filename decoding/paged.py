@@ -151,7 +151,7 @@ def block_slots(blocks: Sequence[int], block_size: int, positions: int) -> torch
     >>> block_slots([3, 1], 4, 6).tolist()
     [12, 13, 14, 15, 4, 5]
     """
-    table = torch.tensor(list(blocks), dtype=torch.int64)
+    table = torch.tensor(list(blocks), dtype=torch.int64)  # int64 even when empty
     return (table[:, None] * block_size + torch.arange(block_size)).flatten()[:positions]
 
 
@@ -194,7 +194,7 @@ def run_batch(model: Any, pool: KVPool, passes: Sequence[SequencePass]) -> list[
         position_ids=torch.cat(positions)[None],
         attention_mask=unused_mask,
         use_cache=False,
-        logits_to_keep=torch.tensor(keep, device=device),
+        logits_to_keep=torch.tensor(keep, dtype=torch.int64, device=device),
         paged=batch,
     )
     logits: torch.Tensor = out.logits[0].float()

@@ -105,6 +105,23 @@ def test_batch_equals_one_at_a_time(
     assert_no_blocks_held(engines[mode])
 
 
+def test_prompt_longer_than_one_pass_is_chunked(
+    slm: Any, engines: dict[str, EmbeddedEngine]
+) -> None:
+    """A prompt over ``max_batch_tokens`` is prefilled in chunks (passes that want no logits),
+    alone and beside a short request, with the serial engine's output."""
+    story = " ".join(f"Item {i} is a {('red', 'green', 'blue')[i % 3]} box." for i in range(60))
+    long = GenerationRequest(user(f"{story}\nWhich colour is item 7?"),
+                             SamplingParams(temperature=0, max_tokens=16))  # fmt: skip
+    short = GenerationRequest(user("Say hi."), SamplingParams(temperature=0, max_tokens=8))
+    engine = engines["plain"]
+    assert len(engine.prepare(long).prompt_ids) > 2 * 256
+    reference = [slm.complete_sync(r).choices[0].token_ids for r in (long, short)]
+    assert engine.complete_sync(long).choices[0].token_ids == reference[0]
+    together = all_at_once(engine, [long, short])
+    assert [c[0].token_ids for c in together] == reference
+
+
 def test_seeded_choices_match_serial(slm: Any, engines: dict[str, EmbeddedEngine]) -> None:
     """``n`` sampled choices with a seed: the same texts as the serial engine, and the later
     choices reuse the first one's prompt blocks."""
