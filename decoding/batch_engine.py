@@ -60,6 +60,14 @@ class _Request:
     open: int  # choices not yet finished
     failed: bool = False
 
+    def send(self, item: TokenEvent | FinishEvent | BaseException | None) -> None:
+        """Hand ``item`` to the consumer; one that is gone (its event loop closed) cancels the
+        request instead of failing the loop."""
+        try:
+            self.sink(item)
+        except Exception:
+            self.cancel.set()
+
 
 class BatchLoop:
     """Serves one engine's requests on one thread, many sequences per pass."""
@@ -125,6 +133,9 @@ class BatchLoop:
                 work = self.scheduler.schedule()
                 if work:
                     self._step(work)
+                else:  # nothing fits now (cannot last: running sequences always get rows)
+                    with self._cond:
+                        self._cond.wait(timeout=0.01)
             except BaseException as exc:  # a bug in the loop: fail everyone, keep serving
                 log.exception("batch step failed")
                 for seq in list(self._decoders):
@@ -166,6 +177,8 @@ class BatchLoop:
         self.steps += 1
         for item, fed, found, draft in zip(work, passes, rows, drafts, strict=True):
             seq = item.seq
+            if seq not in self._decoders:
+                continue  # failed with another choice of its request during this step
             decoder, request = self._decoders[seq]
             decoder.compute_s += share * len(fed.ids)
             seq.computed += item.tokens
@@ -184,7 +197,7 @@ class BatchLoop:
             for event in walked.events:
                 if isinstance(event, FinishEvent):
                     event = replace(event, compute_s=decoder.compute_s)
-                request.sink(event)
+                request.send(event)
             if walked.finished:
                 self._end(seq)
 
@@ -207,7 +220,7 @@ class BatchLoop:
         self.scheduler.finish(seq)
         request.open -= 1
         if request.open == 0 and not request.failed:
-            request.sink(None)
+            request.send(None)
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         """End ``seq``'s request with ``exc`` (its other choices are dropped too)."""
@@ -216,8 +229,8 @@ class BatchLoop:
         self.scheduler.finish(seq)
         if not request.failed:
             request.failed = True
-            request.sink(exc)
-            request.sink(None)
+            request.send(exc)
+            request.send(None)
         for other, (_, owner) in list(self._decoders.items()):
             if owner is request:
                 self._fail(other, exc)

@@ -169,7 +169,7 @@ def test_cancelled_sequence_frees_its_blocks(engines: dict[str, EmbeddedEngine])
     events = engine.generate_sync(long)
     for _ in range(3):
         next(events)
-    events.close()
+    events.close()  # type: ignore[attr-defined]  # a generator
     wait_idle(engine)
     assert_no_blocks_held(engine)
     short = GenerationRequest(user("Say hi."), SamplingParams(temperature=0, max_tokens=5))
@@ -197,6 +197,26 @@ def test_cancel_event_fails_only_its_request(engines: dict[str, EmbeddedEngine])
     thread.join()
     assert finished
     assert finished[0].finish_reason in ("stop", "length")
+
+
+def test_a_consumer_that_is_gone_cancels_only_its_request(
+    engines: dict[str, EmbeddedEngine],
+) -> None:
+    """A sink that raises (its event loop closed) cancels that request at the next step; the
+    loop keeps serving the others."""
+    engine = engines["plain"]
+    assert engine.batch is not None
+
+    def gone(_: object) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    doomed = GenerationRequest(user("Write a long poem."),
+                               SamplingParams(temperature=0, max_tokens=300))  # fmt: skip
+    engine.batch.submit(engine.prepare(doomed), threading.Event(), gone)
+    wait_idle(engine)
+    assert_no_blocks_held(engine)
+    short = GenerationRequest(user("Say hi."), SamplingParams(temperature=0, max_tokens=5))
+    assert engine.complete_sync(short).choices[0].token_ids
 
 
 def test_request_larger_than_memory_is_a_400(slm: Any) -> None:
