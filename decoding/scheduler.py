@@ -129,11 +129,15 @@ class Scheduler:
         budget = self.config.max_batch_tokens
         work: list[Work] = []
         each = draft_budget(self.config.max_draft, len(self.running))
+        admitting = bool(self.waiting) and len(self.running) < self.config.max_running
         for order, seq in enumerate(list(self.running)):
             if seq not in self.running or budget <= 0:
                 continue  # preempted for an older one, or no room left this pass
-            take = self._chunk(seq, budget)
             later = len(self.running) - order - 1  # a row each is kept for the younger ones
+            # A prefill chunk leaves a row for each younger sequence, and half the pass for a
+            # newcomer when one waits: a long prompt never holds the others off.
+            room = max(budget - later, 1)
+            take = self._chunk(seq, max(room // 2, 1) if admitting else room)
             draft = max(0, min(each, budget - take - later)) if take == seq.pending else 0
             if not draft or not self._fits(seq, take + draft):  # never preempt for a draft
                 draft = 0

@@ -849,8 +849,12 @@ async def test_live_text_logprobs_equal_the_servers(
         (e.logprob, e.top_logprobs) for e in events
     ]
     assert "".join(e.text for e in streamed) == result.choices[0].text
+    # The second request finds the first one's whole prompt blocks in the server's memory.
+    cached = streamed[-1].cached_tokens
+    assert cached % 16 == 0
+    assert cached < result.prompt_tokens
     assert streamed[-1] == FinishEvent(0, result.choices[0].finish_reason, "",
-                                       result.prompt_tokens)  # fmt: skip
+                                       result.prompt_tokens, cached_tokens=cached)  # fmt: skip
 
 
 @pytest.mark.slow

@@ -266,3 +266,20 @@ def test_blocks_after_a_cached_prefix_are_committed_under_their_chain() -> None:
     assert manager.lookup([NEXT, NEXT, 5], 2) == []  # b's 5th block is not a prompt's 1st
     assert b.committed == 5
     assert manager.lookup(b.tokens, 10) == b.blocks
+
+
+def test_a_long_prefill_leaves_room_for_a_newcomer() -> None:
+    """While a long prompt is prefilled, a request that arrives is admitted at the next pass
+    (the prompt's chunk takes half the budget) and decodes beside the rest of the prefill."""
+    _, scheduler = make(64, 4, batch=16)
+    long = seq(0, list(range(1, 101)))  # 100 prompt tokens: many passes
+    scheduler.add(long)
+    run(scheduler, scheduler.schedule())
+    assert long.computed == 16  # alone: the whole budget
+    short = seq(1, [7, 8, 9])
+    scheduler.add(short)
+    work = scheduler.schedule()
+    assert work == [Work(long, 8, 0, False), Work(short, 3, 0, True)]
+    run(scheduler, work)
+    work = scheduler.schedule()
+    assert work == [Work(long, 12, 0, False), Work(short, 1, 0, True)]  # a row kept for it
