@@ -165,7 +165,7 @@ def start_gateway(
 
     source = resolve_model(args.model)
     specs = {
-        "serial": ModelSpec("serial", source, dtype=args.dtype),
+        "serial": ModelSpec("serial", source, dtype=args.dtype, batching=False),
         "batched": ModelSpec(
             "batched", source, dtype=args.dtype, batching=True, max_running=args.max_running,
             max_batch_tokens=args.max_batch_tokens,
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     result["ledger"] = {a: {"sent": sent[a], "rows": rows.get(a, 0)} for a in arms if a != "vllm"}
     print(render_report(result))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(result, indent=2, default=str))
     return 0
 
 
