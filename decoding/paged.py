@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -71,15 +71,23 @@ class KVPool:
 @dataclass(frozen=True, slots=True)
 class SequenceRows:
     """One sequence's part of a pass: ``length`` query rows from ``start`` of the flat input,
-    its key/value ``slots`` (cached positions, then one per new row), and the mask of its new
-    rows over those slots (None: a single row, which sees everything)."""
+    its key/value ``slots`` (cached positions, then one per new row), and how its rows attend:
+
+    - ``row``: one row, which sees every slot (query heads folded onto their key/value head);
+    - ``causal``: a prompt's first chunk, SDPA's causal kernel, no mask;
+    - ``chunk``: a later prompt chunk, ``mask`` ``[length, cached + length]``, SDPA maps query
+      heads to key/value heads itself (its fused kernel; the folded form falls back to the
+      math path under a mask, far slower on long chunks);
+    - ``tree``: a verification pass with drafts, ``mask`` ``[groups * length, cached + length]``
+      with query heads folded, as the serial engine verifies (``decoding.attention``).
+    """
 
     start: int
     length: int
     slots: torch.Tensor  # [cached + length] int64
-    mask: torch.Tensor | None  # [groups * length, cached + length] bool, query heads folded
+    kind: Literal["row", "causal", "chunk", "tree"]
+    mask: torch.Tensor | None = None
     span: tuple[int, int] | None = None  # the slots as one run [first, last + 1), when they are
-    causal: bool = False  # a chain with nothing cached: SDPA's causal kernel, no mask
 
     def read(self, rows: torch.Tensor) -> torch.Tensor:
         """This sequence's rows of one layer's keys or values (a view when they are one run)."""
@@ -115,16 +123,18 @@ def paged_attention(
     groups = heads // kv_heads
     parts: list[torch.Tensor] = []
     for part in batch.rows:
-        q = query[0, :, part.start : part.start + part.length]  # [heads, q, d]
-        if part.causal:  # SDPA maps query heads to key/value heads itself
+        # 4D inputs throughout: SDPA's fused CPU kernel takes only those (3D falls back).
+        q = query[:, :, part.start : part.start + part.length]  # [1, heads, q, d]
+        k, v = part.read(keys)[None], part.read(values)[None]
+        if part.kind in ("causal", "chunk"):  # SDPA maps query heads to key/value heads
             attended = torch.nn.functional.scaled_dot_product_attention(
-                q, part.read(keys), part.read(values), is_causal=True, scale=scaling,
+                q, k, v, attn_mask=part.mask, scale=scaling, is_causal=part.kind == "causal",
                 enable_gqa=True,
             )  # fmt: skip
         else:
-            folded = q.reshape(kv_heads, groups * part.length, dim)
+            folded = q.reshape(1, kv_heads, groups * part.length, dim)
             attended = torch.nn.functional.scaled_dot_product_attention(
-                folded, part.read(keys), part.read(values), attn_mask=part.mask, scale=scaling
+                folded, k, v, attn_mask=part.mask, scale=scaling
             )
         parts.append(attended.reshape(heads, part.length, dim).transpose(0, 1))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -171,20 +181,22 @@ def run_batch(model: Any, pool: KVPool, passes: Sequence[SequencePass]) -> list[
         length = len(p.ids)
         n_draft = len(p.parents)
         slots = p.slots[: p.cached + length].to(device)
-        causal = length > 1 and p.cached == 0 and n_draft == 0
-        if length == 1 or causal:
-            mask = None
-            position = torch.arange(p.cached, p.cached + length, device=device)
-        else:
-            tree, position = build_tree_mask(list(p.parents), p.cached, length - n_draft, device)
-            mask = tree[None].expand(groups, length, p.cached + length)
+        kind: Literal["row", "causal", "chunk", "tree"] = (
+            "row" if length == 1 else "tree" if n_draft else "causal" if p.cached == 0 else "chunk"
+        )
+        mask = None
+        position = torch.arange(p.cached, p.cached + length, device=device)
+        if kind in ("chunk", "tree"):
+            mask, position = build_tree_mask(list(p.parents), p.cached, length - n_draft, device)
+        if kind == "tree" and mask is not None:
+            mask = mask[None].expand(groups, length, p.cached + length)
             mask = mask.reshape(groups * length, p.cached + length)
         ids.extend(p.ids)
         positions.append(position)
         writes.append(slots[p.cached :])
         first, last = int(slots[0]), int(slots[-1])
         span = (first, last + 1) if last - first + 1 == len(slots) and _ascending(slots) else None
-        rows.append(SequenceRows(n, length, slots, mask, span, causal))
+        rows.append(SequenceRows(n, length, slots, kind, mask, span))
         keep.extend(range(n + length - p.logits, n + length))
     batch = PagedBatch(pool, tuple(rows), torch.cat(writes))
     # A 4D mask is taken as prepared; the attention ignores it and reads ``paged``.
