@@ -130,10 +130,11 @@ class Scheduler:
         work: list[Work] = []
         each = draft_budget(self.config.max_draft, len(self.running))
         admitting = bool(self.waiting) and len(self.running) < self.config.max_running
-        for order, seq in enumerate(list(self.running)):
+        for seq in list(self.running):
             if seq not in self.running or budget <= 0:
                 continue  # preempted for an older one, or no room left this pass
-            later = len(self.running) - order - 1  # a row each is kept for the younger ones
+            # a row each is kept for the younger ones (fewer once some were preempted)
+            later = len(self.running) - self.running.index(seq) - 1
             # A prefill chunk leaves a row for each younger sequence, and half the pass for a
             # newcomer when one waits: a long prompt never holds the others off.
             room = max(budget - later, 1)

@@ -16,10 +16,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
+from transformers import DynamicCache
 
 from decoding.batch_engine import BatchConfig
 from decoding.engine import EmbeddedEngine, EngineConfig
 from decoding.loader import LoadedModel
+from decoding.paged import KVPool, SequencePass, run_batch
 from decoding.scheduler import SchedulerConfig
 from decoding.types import Choice, GenerationRequest, SamplingParams
 from decoding.validate import check_output
@@ -83,6 +86,27 @@ def assert_no_blocks_held(engine: EmbeddedEngine) -> None:
     blocks = engine.batch.blocks
     assert all(blocks.refs(b) == 0 for b in range(blocks.num_blocks))
     assert blocks.available == blocks.num_blocks
+
+
+def test_paged_pass_matches_transformers_and_ignores_its_neighbours(slm: Any) -> None:
+    """``run_batch``'s logits for a prompt equal transformers' own forward (float32, 1e-4), and a
+    sequence's logits are the same alone and beside another one (bit for bit)."""
+    model = slm.model
+    a = slm.tokenizer.encode(
+        "The capital of France is Paris. Germany's is", add_special_tokens=False
+    )
+    b = slm.tokenizer.encode("def add(a, b):\n    return", add_special_tokens=False)
+    pool = KVPool(model, 512)
+    with torch.inference_mode():
+        expected = model(input_ids=torch.tensor([a]), cache=DynamicCache()).logits[0].float()
+        alone = run_batch(model, pool, [SequencePass(a, 0, torch.arange(len(a)), logits=len(a))])
+        both = run_batch(model, pool, [
+            SequencePass(b, 0, torch.arange(256, 256 + len(b))),
+            SequencePass(a, 0, torch.arange(len(a)), logits=len(a)),
+        ])  # fmt: skip
+    assert torch.allclose(alone[0], expected, atol=1e-4)
+    assert torch.equal(both[1], alone[0])
+    assert both[0].shape == (1, expected.shape[-1])
 
 
 @pytest.mark.parametrize("mode", ["plain", "suffix"])

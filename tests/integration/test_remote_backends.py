@@ -790,12 +790,18 @@ class Recording(httpx.AsyncBaseTransport):
     def __init__(self) -> None:
         self.inner = httpx.AsyncHTTPTransport()
         self.bodies: list[dict[str, Any]] = []
+        self.streams: list[list[dict[str, Any]]] = []  # each SSE response's chunks
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self.inner.handle_async_request(request)
         raw = await response.aread()
-        if response.headers.get("content-type", "").startswith("application/json"):
+        kind = response.headers.get("content-type", "")
+        if kind.startswith("application/json"):
             self.bodies.append(json.loads(raw))
+        elif kind.startswith("text/event-stream"):
+            lines = raw.decode().splitlines()
+            self.streams.append([json.loads(line[6:]) for line in lines
+                                 if line.startswith("data: {")])  # fmt: skip
         return httpx.Response(response.status_code, headers=response.headers, content=raw)
 
     async def aclose(self) -> None:
@@ -844,9 +850,21 @@ async def test_live_text_logprobs_equal_the_servers(
     assert result.choices[0].text == served["message"]["content"]
     assert result.completion_tokens == transport.bodies[0]["usage"]["completion_tokens"]
     assert all(e.entropy >= 0 and not e.forced for e in events)
+    # The stream's events carry exactly the logprobs its SSE chunks sent. (They are not
+    # compared with the first request's: the server serves the repeated prompt's blocks from
+    # its key/value memory, computed in another chunk, and in bfloat16 that moves logprobs at
+    # rounding level.)
     stream_tokens = [e for e in streamed if isinstance(e, TokenEvent) and not e.forced]
-    assert [(e.logprob, e.top_logprobs) for e in stream_tokens] == [
-        (e.logprob, e.top_logprobs) for e in events
+    sent = [
+        c for chunk in transport.streams[0] for choice in chunk.get("choices") or []
+        for c in (choice.get("logprobs") or {}).get("content") or []
+    ]  # fmt: skip
+    assert stream_tokens
+    assert [(e.text, e.logprob) for e in stream_tokens] == [
+        (c["token"], c["logprob"]) for c in sent
+    ]
+    assert [[(t.token, t.logprob) for t in e.top_logprobs] for e in stream_tokens] == [
+        [(t["token"], t["logprob"]) for t in c["top_logprobs"]] for c in sent
     ]
     assert "".join(e.text for e in streamed) == result.choices[0].text
     # The second request finds the first one's whole prompt blocks in the server's memory.
