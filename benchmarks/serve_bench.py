@@ -42,6 +42,7 @@ class Outcome:
     ttft_s: float | None
     tokens: int
     error: str | None
+    output: str = ""  # the streamed content and tool-call arguments, to compare arms
 
 
 def workload(count: int, seed: int = 0) -> list[tuple[str, Body]]:
@@ -87,6 +88,7 @@ async def one_request(
     started = time.perf_counter()
     first: float | None = None
     tokens = 0
+    output: list[str] = []
     try:
         async with client.stream("POST", "/v1/chat/completions", json=payload) as reply:
             if reply.status_code != 200:
@@ -104,26 +106,36 @@ async def one_request(
                     delta = choice.get("delta") or {}
                     if first is None and (delta.get("content") or delta.get("tool_calls")):
                         first = time.perf_counter() - started
+                    output.append(delta.get("content") or "")
+                    for call in delta.get("tool_calls") or []:
+                        function = call.get("function") or {}
+                        output.append(
+                            (function.get("name") or "") + (function.get("arguments") or "")
+                        )
                 if chunk.get("usage"):
                     tokens = int(chunk["usage"].get("completion_tokens") or 0)
     except httpx.HTTPError as exc:
         return Outcome(time.perf_counter() - started, first, tokens, repr(exc))
-    return Outcome(time.perf_counter() - started, first, tokens, None)
+    return Outcome(time.perf_counter() - started, first, tokens, None, "".join(output))
 
 
 async def run_level(
     base_url: str, model: str, requests: list[tuple[str, Body]], concurrency: int, max_tokens: int
 ) -> dict[str, Any]:
     """``requests`` by ``concurrency`` clients, each taking the next one when it is done."""
-    queue: asyncio.Queue[Body] = asyncio.Queue()
-    for _, body in requests:
-        queue.put_nowait(body)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(len(requests)):
+        queue.put_nowait(index)
     outcomes: list[Outcome] = []
+    by_request: dict[int, Outcome] = {}
     async with httpx.AsyncClient(base_url=base_url, timeout=900) as client:
 
         async def client_loop() -> None:
             while not queue.empty():
-                outcomes.append(await one_request(client, model, queue.get_nowait(), max_tokens))
+                index = queue.get_nowait()
+                outcome = await one_request(client, model, requests[index][1], max_tokens)
+                outcomes.append(outcome)
+                by_request[index] = outcome
 
         started = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
@@ -144,6 +156,7 @@ async def run_level(
         "p95_latency_s": percentile(latencies, 95),
         "p50_ttft_s": percentile(ttfts, 50),
         "p95_ttft_s": percentile(ttfts, 95),
+        "outputs": [by_request[i].output for i in sorted(by_request)],
     }
 
 
@@ -195,6 +208,24 @@ def ledger_rows(url: str) -> dict[str, int]:
         return {str(route): int(count) for route, count in rows}
 
 
+def match_rates(levels: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Per arm, [identical outputs, requests] against the serial arm's, over all levels (the
+    same requests, greedy: batching may change rounding, and so a near-tie)."""
+    rates: dict[str, list[int]] = {}
+    for row in levels:
+        serial = row["arms"].get("serial")
+        if serial is None:
+            continue
+        for arm, r in row["arms"].items():
+            if arm == "serial":
+                continue
+            same = sum(a == b for a, b in zip(serial["outputs"], r["outputs"], strict=True))
+            total = rates.setdefault(arm, [0, 0])
+            total[0] += same
+            total[1] += len(r["outputs"])
+    return rates
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slmgate bench serve", description=__doc__)
     parser.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
@@ -240,13 +271,15 @@ def main(argv: list[str] | None = None) -> int:
                     run_level(url, model, requests, level, args.max_tokens)
                 )
                 sent[arm] += count
-                print(json.dumps({arm: row["arms"][arm]}), flush=True)
+                shown = {k: v for k, v in row["arms"][arm].items() if k != "outputs"}
+                print(json.dumps({arm: shown}), flush=True)
             result["levels"].append(row)
     finally:
         if server is not None and thread is not None:
             server.should_exit = True
             thread.join(timeout=60)  # the app's shutdown writes what the ledger still queues
     rows = ledger_rows(ledger_url) if local else {}
+    result["matches_serial"] = match_rates(result["levels"])
     result["ledger"] = {a: {"sent": sent[a], "rows": rows.get(a, 0)} for a in arms if a != "vllm"}
     print(render_report(result))
     if args.json:
@@ -281,4 +314,6 @@ def render_report(result: dict[str, Any]) -> str:
                     f"{r['p95_latency_s'] / first[arm]['p95_latency_s']:.2f}x"
                 )
     lines.append(f"ledger: {result['ledger']}")
+    for arm, (same, total) in result.get("matches_serial", {}).items():
+        lines.append(f"{arm}: {same} of {total} outputs identical to the serial arm's")
     return "\n".join(lines)

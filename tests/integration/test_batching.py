@@ -90,7 +90,9 @@ def assert_no_blocks_held(engine: EmbeddedEngine) -> None:
 
 def test_paged_pass_matches_transformers_and_ignores_its_neighbours(slm: Any) -> None:
     """``run_batch``'s logits for a prompt equal transformers' own forward (float32, 1e-4), and a
-    sequence's logits are the same alone and beside another one (bit for bit)."""
+    sequence's logits alone and beside another one agree to the same tolerance. Not bit for
+    bit: the matrix kernels round differently by how many rows a pass carries (one row takes
+    a matrix-vector path), measured ~3e-5 here; attention never reads a neighbour's rows."""
     model = slm.model
     a = slm.tokenizer.encode(
         "The capital of France is Paris. Germany's is", add_special_tokens=False
@@ -105,7 +107,8 @@ def test_paged_pass_matches_transformers_and_ignores_its_neighbours(slm: Any) ->
             SequencePass(a, 0, torch.arange(len(a)), logits=len(a)),
         ])  # fmt: skip
     assert torch.allclose(alone[0], expected, atol=1e-4)
-    assert torch.equal(both[1], alone[0])
+    assert torch.allclose(both[1], alone[0], atol=1e-4)
+    assert torch.equal(both[1].argmax(-1), alone[0].argmax(-1))
     assert both[0].shape == (1, expected.shape[-1])
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.serve_bench import render_report, workload
+from benchmarks.serve_bench import match_rates, render_report, workload
 
 
 def test_workload_takes_text_json_and_tool_requests_in_turns() -> None:
@@ -35,3 +35,12 @@ def test_report_gives_ratios_to_serial_and_to_concurrency_one() -> None:
     assert "c=8 batched/serial tokens/s: 4.50x" in report
     assert "c=8 batched p95 latency / c=1 p95: 2.00x" in report
     assert "| 8 | batched | 45.0 |" in report
+
+
+def test_match_rate_counts_identical_outputs_per_arm_over_levels() -> None:
+    levels = [
+        {"concurrency": 1, "arms": {"serial": {"outputs": ["a", "b"]},
+                                    "batched": {"outputs": ["a", "c"]}}},
+        {"concurrency": 4, "arms": {"serial": {"outputs": ["d"]}, "batched": {"outputs": ["d"]}}},
+    ]  # fmt: skip
+    assert match_rates(levels) == {"batched": [2, 3]}
