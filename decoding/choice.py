@@ -181,14 +181,6 @@ class ChoiceDecoder:
         spec = self.drafting.counter.stats() if self.drafting else None
         return replace(event, spec=spec, cached_tokens=self.reused)
 
-    def finish_now(self, reason: FinishReason) -> FinishEvent:
-        """End the choice outside a walk (its length ran out before a pass)."""
-        result = WalkResult()
-        self._finish(result, reason)
-        event = self._with_spec(result.events[0])
-        assert isinstance(event, FinishEvent)
-        return event
-
     def close(self) -> None:
         """Let the drafters learn from this choice's output."""
         if self.drafting is not None:
