@@ -136,12 +136,19 @@ class BatchLoop:
                 else:  # nothing fits now (cannot last: running sequences always get rows)
                     with self._cond:
                         self._cond.wait(timeout=0.01)
-            except BaseException as exc:  # a bug in the loop: fail everyone, keep serving
+            except Exception as exc:  # a bug in the loop: fail everyone, keep serving
                 log.exception("batch step failed")
-                for seq in list(self._decoders):
-                    self._fail(seq, exc)
+                self._fail_all(exc)
+        self._fail_all(RuntimeError("the engine was closed"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """End every request with ``exc``; nothing here may stop the loop's thread."""
         for seq in list(self._decoders):
-            self._fail(seq, RuntimeError("the engine was closed"))
+            try:
+                self._fail(seq, exc)
+            except Exception:
+                log.exception("could not end a sequence")
+                self._decoders.pop(seq, None)
 
     def _add(self, prepared: PreparedRequest, request: _Request) -> None:
         first: Sequence | None = None
@@ -223,7 +230,10 @@ class BatchLoop:
             request.send(None)
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
-        """End ``seq``'s request with ``exc`` (its other choices are dropped too)."""
+        """End ``seq``'s request with ``exc`` (its other choices are dropped too); a choice
+        already ended with a sibling is left alone."""
+        if seq not in self._decoders:
+            return
         decoder, request = self._decoders.pop(seq)
         decoder.close()
         self.scheduler.finish(seq)

@@ -226,6 +226,27 @@ def test_cancel_event_fails_only_its_request(engines: dict[str, EmbeddedEngine])
     assert finished[0].finish_reason in ("stop", "length")
 
 
+def test_cancelling_a_request_of_several_choices_keeps_the_loop_serving(
+    engines: dict[str, EmbeddedEngine],
+) -> None:
+    """Cancelling a request with ``n`` = 3 ends all its choices at once (each only once); the
+    loop frees their blocks and serves the next request."""
+    engine = engines["plain"]
+    cancel = threading.Event()
+    params = SamplingParams(temperature=0.8, seed=3, n=3, max_tokens=300)
+    req = GenerationRequest(user("Write a long poem."), params)
+    stream = engine.generate_sync(req, cancel)
+    next(stream)
+    cancel.set()
+    with pytest.raises(GenerationCancelled):
+        for _ in stream:
+            pass
+    wait_idle(engine)
+    assert_no_blocks_held(engine)
+    short = GenerationRequest(user("Say hi."), SamplingParams(temperature=0, max_tokens=5))
+    assert engine.complete_sync(short).choices[0].token_ids
+
+
 def test_a_consumer_that_is_gone_cancels_only_its_request(
     engines: dict[str, EmbeddedEngine],
 ) -> None:
