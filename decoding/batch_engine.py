@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,13 +82,12 @@ class BatchLoop:
         self.pool = KVPool(model, self.blocks.num_blocks * config.block_size)
         self.scheduler = Scheduler(self.blocks, config.scheduler)
         # The longest context one sequence may reach (its last position needs no row).
-        self.capacity = self.blocks.num_blocks * config.block_size
+        self.capacity = self.pool.num_slots
         self._decoders: dict[Sequence, tuple[ChoiceDecoder, _Request]] = {}
         self._inbox: list[tuple[PreparedRequest, _Request]] = []
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
-        self.steps = 0
         self._thread = threading.Thread(
             target=self._run, name=f"batch-{engine.config.name}", daemon=True
         )
@@ -110,11 +109,6 @@ class BatchLoop:
         with self._cond:
             self._closed = True
             self._cond.notify()
-
-    @property
-    def load(self) -> tuple[int, int]:
-        """(waiting, running) sequences now."""
-        return len(self.scheduler.waiting), len(self.scheduler.running)
 
     # ---- the loop's thread ---------------------------------------------------------------------
 
@@ -181,7 +175,6 @@ class BatchLoop:
         with torch.inference_mode():
             rows = run_batch(self.engine.model, self.pool, passes)
         share = (time.perf_counter() - started) / sum(len(p.ids) for p in passes)
-        self.steps += 1
         for item, fed, found, draft in zip(work, passes, rows, drafts, strict=True):
             seq = item.seq
             if seq not in self._decoders:
@@ -199,24 +192,19 @@ class BatchLoop:
             except Exception as exc:
                 self._fail(seq, exc)
                 continue
-            self._keep(seq, walked.accepted)
+            self._keep(seq, fed.slots, walked.accepted)
             self.scheduler.commit(seq)
             for event in walked.events:
-                if isinstance(event, FinishEvent):
-                    event = replace(event, compute_s=decoder.compute_s)
                 request.send(event)
             if walked.finished:
                 self._end(seq)
 
-    def _keep(self, seq: Sequence, accepted: list[int]) -> None:
-        """Move the accepted draft nodes' rows to the positions after the fed tokens."""
+    def _keep(self, seq: Sequence, slots: torch.Tensor, accepted: list[int]) -> None:
+        """Move the accepted draft nodes' rows to the positions after the fed tokens (``slots``:
+        the pass's slots of every position it fed, drafts included)."""
         base = seq.computed
-        size = self.blocks.block_size
-
-        def slot(position: int) -> int:
-            return seq.blocks[position // size] * size + position % size
-
-        moves = [(slot(base + node), slot(base + depth)) for depth, node in enumerate(accepted)]
+        moves = [(int(slots[base + node]), int(slots[base + depth]))
+                 for depth, node in enumerate(accepted)]  # fmt: skip
         moved = [(src, dst) for src, dst in moves if src != dst]
         self.pool.copy_rows([s for s, _ in moved], [d for _, d in moved])
         seq.computed += len(accepted)

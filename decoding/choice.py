@@ -129,9 +129,14 @@ class ChoiceDecoder:
         if not result.finished and self.produced >= self.limit:
             self._finish(result, "length")
         self._record(draft, result)
-        if result.finished:  # the finish event carries the counts of this pass too
-            result.events[-1] = self._with_spec(result.events[-1])
         self.compute_s += time.perf_counter() - started
+        if result.finished:  # the finish event carries this pass's counts and time too
+            finish = result.events[-1]
+            assert isinstance(finish, FinishEvent)
+            spec = self.drafting.counter.stats() if self.drafting else None
+            result.events[-1] = replace(
+                finish, spec=spec, cached_tokens=self.reused, compute_s=self.compute_s
+            )
         return result
 
     def _row(self, logits: torch.Tensor, result: WalkResult) -> bool:
@@ -174,12 +179,6 @@ class ChoiceDecoder:
         text = released if hit else released + self.stops.flush()
         result.events.append(FinishEvent(self.index, reason, text, self.n_prompt))
         result.finished = True
-
-    def _with_spec(self, event: TokenEvent | FinishEvent) -> TokenEvent | FinishEvent:
-        if not isinstance(event, FinishEvent):
-            return event
-        spec = self.drafting.counter.stats() if self.drafting else None
-        return replace(event, spec=spec, cached_tokens=self.reused)
 
     def close(self) -> None:
         """Let the drafters learn from this choice's output."""
