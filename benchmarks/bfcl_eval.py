@@ -3,7 +3,8 @@ each routing policy.
 
 Every BFCL item is sent once per policy (the policy is the request's model name: ``slm``,
 ``llm``, ``auto`` = cascade, ``pre`` = pre-router), interleaved item by item so drift on a shared
-machine hits every policy alike. BFCL's own AST checker scores each reply
+machine hits every policy alike (``--concurrency N`` keeps that order, N requests in flight).
+BFCL's own AST checker scores each reply
 (``benchmarks.bfcl_data``); the verdict goes back to the gateway as the task's outcome. Per
 policy: accuracy (overall and per category), CPS = total cost / successful items, schema
 validity rate and fallback rate (from the gateway's ``slmgate`` facts), executable call rate
@@ -28,55 +29,35 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from benchmarks import bfcl_data
-from router.stats import percentile
+from benchmarks.bfcl_report import (
+    ItemRecord,
+    label_rows,
+    record_from_dict,
+    render_table,
+    reprice,
+    repriced_table,
+    simulate_cascade,
+    summarize,
+)
 
 DEFAULT_POLICIES = ("slm", "llm", "auto", "pre")
 SYSTEM_PROMPT = "Call the provided functions when they answer the request; otherwise reply briefly."
 CHECKPOINT_EVERY = 2  # items between partial --json writes (also written on SIGTERM)
 
 
-@dataclass(slots=True)
-class ItemRecord:
-    """One BFCL item under one policy: the verdict and what the gateway said about it."""
-
-    category: str
-    id: str
-    policy: str
-    task_id: str
-    success: bool
-    error_type: str | None = None  # BFCL's, or "request:<Exception>" / "http_<status>"
-    error: str | None = None
-    request_error: bool = False  # the gateway gave no usable reply
-    tier: str | None = None
-    model: str | None = None
-    route: str | None = None
-    valid: bool | None = None
-    executable: bool | None = None  # the gateway's own verdict
-    executable_local: bool | None = None  # checked here against the offered tools
-    cost_usd: float | None = None
-    counterfactual_cost_usd: float | None = None
-    fallback_reason: str | None = None
-    confidence: float | None = None
-    signals: dict[str, float] = field(default_factory=dict)
-    attempts: list[dict[str, Any]] = field(default_factory=list)
-    latency_s: float = 0.0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    calls: int = 0  # tool calls in the reply
-    features: dict[str, float] = field(default_factory=dict)  # pre-router features of the request
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return self.category, self.id, self.policy
-
+__all__ = [
+    "ItemRecord", "label_rows", "record_from_dict", "render_table", "reprice", "repriced_table",
+    "simulate_cascade", "summarize",
+]  # fmt: skip
 
 # ---- pure parts (unit-tested) ------------------------------------------------------------------
 
@@ -196,194 +177,6 @@ def judge(
     record.success, record.error_type = verdict.success, verdict.error_type
     record.error = "; ".join(verdict.errors)[:300] or None
     record.executable_local = bfcl_data.executable(calls, tools)
-
-
-def _rate(hits: int, total: int) -> float | None:
-    return None if total == 0 else hits / total
-
-
-def summarize(records: Sequence[ItemRecord], policy: str) -> dict[str, Any]:
-    """The metrics of one policy's records.
-
-    Accuracy and CPS count every item (a failed request is a failed item that cost nothing we
-    know of). Rates read from the gateway's facts use only the items whose reply carried that
-    fact; latency percentiles use only replies (an instant connection error is not a latency).
-    """
-    rows = [r for r in records if r.policy == policy]
-    replies = [r for r in rows if not r.request_error]
-    ok = sum(r.success for r in rows)
-    cost = sum(r.cost_usd or 0.0 for r in rows)
-    costed = [r for r in rows if r.cost_usd is not None]
-    valid = [r.valid for r in replies if r.valid is not None]
-    calling = [r.executable_local for r in replies if r.executable_local is not None]
-    gw_exec = [r.executable for r in replies if r.executable is not None]
-    fallback = [r.fallback_reason is not None for r in replies if r.tier is not None]
-    latencies = sorted(r.latency_s for r in replies)
-    categories: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        c = categories.setdefault(r.category, {"items": 0, "successes": 0})
-        c["items"] += 1
-        c["successes"] += int(r.success)
-    for name, c in categories.items():
-        c["accuracy"] = _rate(c["successes"], c["items"])
-        c.update(_reply_rates([r for r in replies if r.category == name]))
-    tiers: dict[str, int] = {}
-    for r in replies:
-        if r.tier is not None:
-            tiers[r.tier] = tiers.get(r.tier, 0) + 1
-    return {
-        "policy": policy,
-        "items": len(rows),
-        "successes": ok,
-        "accuracy": _rate(ok, len(rows)),
-        "per_category": categories,
-        "total_cost_usd": cost,
-        "mean_cost_usd": None if not costed else cost / len(costed),
-        "cps_usd": None if ok == 0 else cost / ok,
-        "counterfactual_cost_usd": sum(r.counterfactual_cost_usd or 0.0 for r in rows),
-        "schema_validity_rate": _rate(sum(valid), len(valid)),
-        "executable_call_rate": _rate(sum(calling), len(calling)),
-        "gateway_executable_rate": _rate(sum(gw_exec), len(gw_exec)),
-        "fallback_rate": _rate(sum(fallback), len(fallback)),
-        "p50_latency_s": percentile(latencies, 50),
-        "p95_latency_s": percentile(latencies, 95),
-        "prompt_tokens": sum(r.prompt_tokens or 0 for r in rows),
-        "completion_tokens": sum(r.completion_tokens or 0 for r in rows),
-        "tiers": tiers,
-        "request_errors": len(rows) - len(replies),
-        "error_types": _count(r.error_type for r in rows if not r.success),
-    }
-
-
-def _reply_rates(replies: Sequence[ItemRecord]) -> dict[str, float | None]:
-    """Per category: schema validity (gateway facts), executable calls (among replies with
-    calls) and the share of replies that called any tool (1 - abstention, on irrelevance)."""
-    valid = [r.valid for r in replies if r.valid is not None]
-    calling = [r.executable_local for r in replies if r.executable_local is not None]
-    return {
-        "schema_validity_rate": _rate(sum(valid), len(valid)),
-        "executable_call_rate": _rate(sum(calling), len(calling)),
-        "call_rate": _rate(sum(r.calls > 0 for r in replies), len(replies)),
-    }
-
-
-def _count(values: Iterator[str | None] | Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[str(v)] = out.get(str(v), 0) + 1
-    return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _usd(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}"
-
-
-def _sec(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-def render_table(summaries: Sequence[dict[str, Any]], categories: Sequence[str]) -> str:
-    """Markdown tables: the policy metrics, accuracy per category, then validity, executable
-    calls and the share of replies with a call per category."""
-    head = (
-        "| policy | items | accuracy | CPS $ | validity | executable | fallback | p50 s "
-        "| p95 s | mean cost $ | tokens in/out | req errors |"
-    )
-    lines = [head, "|" + "---|" * 12]
-    for s in summaries:
-        lines.append(
-            f"| {s['policy']} | {s['items']} | {_pct(s['accuracy'])} | {_usd(s['cps_usd'])} "
-            f"| {_pct(s['schema_validity_rate'])} | {_pct(s['executable_call_rate'])} "
-            f"| {_pct(s['fallback_rate'])} | {_sec(s['p50_latency_s'])} "
-            f"| {_sec(s['p95_latency_s'])} | {_usd(s['mean_cost_usd'])} "
-            f"| {s['prompt_tokens']}/{s['completion_tokens']} | {s['request_errors']} |"
-        )
-    lines += ["", *_category_table(summaries, categories, _accuracy_cell)]
-    lines += ["", "Per category: validity / executable calls / replies with a call", ""]
-    lines += _category_table(summaries, categories, _rates_cell)
-    return "\n".join(lines)
-
-
-def _accuracy_cell(got: dict[str, Any]) -> str:
-    return f"{_pct(got['accuracy'])} ({got['items']})"
-
-
-def _rates_cell(got: dict[str, Any]) -> str:
-    rates = ("schema_validity_rate", "executable_call_rate", "call_rate")
-    return " / ".join(_pct(got.get(r)) for r in rates)
-
-
-def _category_table(
-    summaries: Sequence[dict[str, Any]],
-    categories: Sequence[str],
-    cell: Callable[[dict[str, Any]], str],
-) -> list[str]:
-    """A Markdown table, a row per policy and a column per category (``-``: no items)."""
-    lines = ["| policy | " + " | ".join(categories) + " |", "|" + "---|" * (1 + len(categories))]
-    for s in summaries:
-        cells = [
-            "-" if (got := s["per_category"].get(c)) is None else cell(got) for c in categories
-        ]
-        lines.append(f"| {s['policy']} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def simulate_cascade(
-    records: Sequence[ItemRecord], signal: str, threshold: float
-) -> dict[str, Any] | None:
-    """What a cascade at ``threshold`` on ``signal`` would score, from the same items' ``slm``
-    and ``llm`` records (greedy decoding makes the LLM's answer inside a cascade the same as
-    LLM-only). Escalates an SLM reply that is invalid, not executable, failed, or scores under
-    the threshold; ignores early fallback (which only makes escalations cheaper)."""
-    slm = {(r.category, r.id): r for r in records if r.policy == "slm"}
-    llm = {(r.category, r.id): r for r in records if r.policy == "llm"}
-    keys = sorted(set(slm) & set(llm))
-    if not keys:
-        return None
-    ok = escalated = 0
-    cost = 0.0
-    for key in keys:
-        s, big = slm[key], llm[key]
-        score = s.signals.get(signal)
-        up = (
-            s.request_error or s.valid is False or s.executable is False
-            or (score is not None and score < threshold)
-        )  # fmt: skip
-        cost += (s.cost_usd or 0.0) + ((big.cost_usd or 0.0) if up else 0.0)
-        ok += int(big.success if up else s.success)
-        escalated += int(up)
-    return {
-        "signal": signal, "threshold": threshold, "items": len(keys),
-        "accuracy": ok / len(keys), "fallback_rate": escalated / len(keys),
-        "total_cost_usd": cost, "cps_usd": None if ok == 0 else cost / ok,
-    }  # fmt: skip
-
-
-def label_rows(records: Sequence[ItemRecord], policy: str = "slm") -> list[dict[str, Any]]:
-    """Labelled rows for ``slmgate calibrate``: the small model's signals and BFCL's verdict.
-    Items whose request failed carry no signals and are left out."""
-    return [
-        {
-            "signals": r.signals,
-            "kind": "tools",
-            "confidence": r.confidence,
-            "success": r.success,
-            "category": r.category,
-            "id": r.id,
-            "features": r.features,
-        }
-        for r in records
-        if r.policy == policy and not r.request_error
-    ]
-
-
-def record_from_dict(data: dict[str, Any]) -> ItemRecord:
-    known = set(ItemRecord.__dataclass_fields__)
-    return ItemRecord(**{k: v for k, v in data.items() if k in known})
 
 
 # ---- I/O ---------------------------------------------------------------------------------------
@@ -534,6 +327,7 @@ def evaluate(
         "limit": args.limit,
         "max_tokens": args.max_tokens,
         "warmup": args.warmup,
+        "concurrency": args.concurrency,
         "system_prompt": args.system_prompt,
         "bfcl_eval_version": _version("bfcl-eval"),
     }
@@ -545,26 +339,32 @@ def evaluate(
         records = [record_from_dict(r) for r in old.get("records", [])]
         records = [r for r in records if not r.request_error and r.key in planned]
     done = {r.key for r in records}
-    total, sent = len(items) * len(policies), 0
+    total = len(items) * len(policies)
     headers = {"Authorization": f"Bearer {args.api_key}"}
     client = httpx.Client(
         base_url=base_url, headers=headers, timeout=args.timeout, transport=transport
     )
+    pending = [(it, p) for it in items for p in policies if (it.category, it.id, p) not in done]
     with client:
         for policy in policies if items and args.warmup else ():
             warm_up(client, items[0], policy, args.max_tokens, args.system_prompt)
+        pool = ThreadPoolExecutor(max_workers=args.concurrency)
         try:
-            for n, item in enumerate(items, 1):
-                for policy in policies:
-                    if (item.category, item.id, policy) not in done:
-                        records.append(_run_logged(client, item, policy, args, total, len(records)))
-                        sent += 1
-                if args.json and n % CHECKPOINT_EVERY == 0 and sent:
+            # Submitted in the interleaved order, so at most `concurrency` neighbours run at once.
+            futures = [
+                pool.submit(_run_logged, client, item, policy, args, total, len(done) + i)
+                for i, (item, policy) in enumerate(pending)
+            ]
+            for n, future in enumerate(as_completed(futures), 1):
+                records.append(future.result())
+                if args.json and n % (CHECKPOINT_EVERY * len(policies)) == 0:
                     _write_json(args.json, _report(records, policies, categories, meta, True))
         except (KeyboardInterrupt, Terminated):  # keep what was done, for --resume
+            pool.shutdown(wait=False, cancel_futures=True)
             if args.json:
                 _write_json(args.json, _report(records, policies, categories, meta, True))
             raise
+        pool.shutdown()
     return _report(records, policies, categories, meta, False)
 
 
@@ -618,6 +418,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="one unscored request per policy first (default on)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="requests in flight at once (a batching gateway serves them together; latencies "
+        "are then under that load)",
+    )
     p.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="'' sends none")
     p.add_argument("--run-id", default=time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
     p.add_argument("--json", type=Path, default=None, help="write summaries and every record")
@@ -633,33 +440,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep the records already in --json and send only the missing items",
     )
     p.add_argument("--quiet", action="store_true", help="no per-item progress on stderr")
+    p.add_argument(
+        "--reprice",
+        default=None,
+        metavar="TIER=MODEL",
+        help="also report every policy as if TIER were the hosted MODEL, priced per token "
+        "from LiteLLM's cost map (e.g. llm=gpt-4o); other tiers keep their measured cost",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="send nothing: report the records already in --json (with --reprice, say)",
+    )
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
+    if args.concurrency < 1:
+        p.error("--concurrency must be >= 1")
     try:
         bfcl_data.resolve_categories(args.categories.split(","))
     except ValueError as exc:
         p.error(str(exc))
     if args.labels and "slm" not in args.policies.split(","):
         p.error("--labels needs the slm policy in --policies")
+    if args.reprice is not None and "=" not in args.reprice:
+        p.error("--reprice takes TIER=MODEL, e.g. llm=gpt-4o")
+    if args.report_only and not (args.json and args.json.exists()):
+        p.error("--report-only needs an existing --json file")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_terminated)
-    with contextlib.ExitStack() as stack:
-        base = args.base_url
-        if base is None or args.serve:
-            base = stack.enter_context(serve_gateway(args.config, args.ready_timeout))
-        report = evaluate(args, base.rstrip("/"))
+    if args.report_only:
+        report = json.loads(args.json.read_text())
+        report["summaries"] = [
+            summarize([record_from_dict(r) for r in report["records"]], p)
+            for p in report["policies"]
+        ]
+    else:
+        with contextlib.ExitStack() as stack:
+            base = args.base_url
+            if base is None or args.serve:
+                base = stack.enter_context(serve_gateway(args.config, args.ready_timeout))
+            report = evaluate(args, base.rstrip("/"))
     records = [record_from_dict(r) for r in report["records"]]
     print(
-        f"BFCL {report['bfcl_eval_version']} via {report['base_url']}, run {args.run_id}, "
-        f"limit {args.limit} per category, max_tokens {args.max_tokens}"
+        f"BFCL {report['bfcl_eval_version']} via {report['base_url']}, run {report['run_id']}, "
+        f"limit {report['limit']} per category, max_tokens {report['max_tokens']}"
     )
     print(render_table(report["summaries"], report["categories"]))
-    if args.json:
+    if args.reprice:
+        print("\n" + repriced_table(report, args.reprice))
+    if args.json and not args.report_only:
         _write_json(args.json, report)
     if args.labels:
         rows = label_rows(records)

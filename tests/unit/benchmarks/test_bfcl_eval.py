@@ -3,7 +3,9 @@ metrics on literal records; the request loop against a scripted HTTP transport."
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -516,6 +518,23 @@ def test_evaluate_interleaves_policies_and_reports_outcomes(tmp_path: Path) -> N
     assert all(r["latency_s"] > 0 for r in report["records"])
 
 
+def test_concurrency_keeps_requests_in_flight_together(tmp_path: Path) -> None:
+    gw = FakeGateway()
+    together = threading.Barrier(2, timeout=10)  # breaks unless both requests are in flight
+
+    def paired(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("completions"):
+            together.wait()
+        return gw(request)
+
+    report = be.evaluate(args_for(tmp_path, "--policies", "llm", "--concurrency", "2"),
+                         "http://gw", httpx.MockTransport(paired))  # fmt: skip
+    assert report["concurrency"] == 2
+    assert sorted((r["id"], r["success"]) for r in report["records"]) == [
+        ("simple_python_0", True), ("simple_python_1", True),
+    ]  # fmt: skip
+
+
 def test_request_errors_are_recorded_not_raised(tmp_path: Path) -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
@@ -593,6 +612,8 @@ def test_parse_args_rejects_bad_input() -> None:
     with pytest.raises(SystemExit):
         be.parse_args(["--limit", "0"])
     with pytest.raises(SystemExit):
+        be.parse_args(["--concurrency", "0"])
+    with pytest.raises(SystemExit):
         be.parse_args(["--policies", "llm", "--labels", "x.jsonl"])
 
 
@@ -644,8 +665,60 @@ def test_tool_forms_classes_and_first_call_end() -> None:
         "fence", "bare", "bare", "array", "tag", "text", "text"]  # fmt: skip
     after = ('{"', "\n{", ",{", "```", "]", "<tool_call>", "Hi")
     assert [after_class(t, False) for t in after] == [
-        "another_call", "another_call", "another_call", "stop", "stop", "another_call", "other"]
+        "another_call",
+        "another_call",
+        "another_call",
+        "stop",
+        "stop",
+        "another_call",
+        "other",
+    ]
     assert after_class("", True) == "stop"
     text = '```json\n{"name": "f", "arguments": {"s": "}{"}}\n{"name": "g"}'
     assert text[: end_of_first_call(text)].endswith('"}{"}}')
     assert end_of_first_call("no call") is None
+
+
+def attempt_fact(tier: str, cost: float, prompt: int | None, completion: int | None) -> Any:
+    return {"tier": tier, "cost_usd": cost, "prompt_tokens": prompt,
+            "completion_tokens": completion}
+
+
+def test_reprice_prices_one_tier_per_token_and_keeps_the_others_measured() -> None:
+    records = [
+        rec("auto", True, id="a", cost_usd=0.5,  # slm kept: its measured cost stays
+            attempts=[attempt_fact("slm", 0.5, 1000, 10)]),
+        rec("auto", True, id="b", cost_usd=2.5,  # escalated: slm measured + llm per token
+            attempts=[attempt_fact("slm", 0.5, 1000, 10), attempt_fact("llm", 2.0, 1000, 100)]),
+        rec("llm", False, id="c", request_error=True),  # no cost known: unchanged
+    ]  # fmt: skip
+    out = be.reprice(records, "llm", 2.0, 10.0)  # $ per 1M tokens in / out
+    assert out is not None
+    assert [r.cost_usd for r in out] == [0.5, pytest.approx(0.5 + (2000 + 1000) / 1e6), None]
+    assert records[1].cost_usd == 2.5  # the input records are not changed
+    old_run = [rec("llm", True, cost_usd=1.0, attempts=[{"tier": "llm", "cost_usd": 1.0}])]
+    assert be.reprice(old_run, "llm", 2.0, 10.0) is None
+
+
+def test_report_only_reprints_a_saved_run_with_a_hosted_price(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = {
+        "base_url": "http://gw", "run_id": "r9", "categories": ["simple_python"],
+        "policies": ["llm"], "limit": 1, "max_tokens": 64, "bfcl_eval_version": None,
+        "records": [dataclasses.asdict(rec("llm", True, tier="llm", cost_usd=0.25,
+                                           attempts=[attempt_fact("llm", 0.25, 10**6, 0)]))],
+    }  # fmt: skip
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(saved))
+    assert be.main(["--report-only", "--json", str(path), "--reprice", "llm=gpt-4o"]) == 0
+    out = capsys.readouterr().out
+    assert "run r9" in out
+    assert "| llm | 1 | 100.0% | 0.25 |" in out  # measured
+    assert "As if tier llm were gpt-4o ($2.5 in / $10 out per 1M)" in out
+    assert "| llm | 1 | 100.0% | 2.5 |" in out  # 1M prompt tokens at $2.5
+    assert json.loads(path.read_text()) == saved  # a report is never rewritten
+    with pytest.raises(SystemExit):
+        be.parse_args(["--report-only", "--json", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit):
+        be.parse_args(["--report-only", "--json", str(path), "--reprice", "gpt-4o"])
