@@ -7,6 +7,7 @@ import logging
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -61,6 +62,7 @@ BENCHMARKS = {
     "ledger": "benchmarks.ledger_bench",
     "soak": "benchmarks.soak_bench",
     "serve": "benchmarks.serve_bench",
+    "tiers": "benchmarks.tiers_bench",
 }
 
 
@@ -169,10 +171,35 @@ def _calibrate(args: argparse.Namespace) -> int:
                 print(f"{head}, not fitted (needs successes and failures)")
         print(f"deferral rule -> {args.deferral_out} (route setting `deferral: PATH`)")
         out["deferral"] = {"path": args.deferral_out, "report": report}
+        if args.holdout:
+            out["holdout"] = _print_holdout(rule, args.holdout)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return 0
+
+
+def _print_holdout(rule: Any, path: str) -> dict[str, Any]:
+    """The fitted rule scored on held-out labels, next to every single signal."""
+    from router.confidence import SIGNALS
+    from router.deferral import KINDS, holdout_report
+
+    rows = []
+    for row in _load_labels(path):
+        kind, signals = str(row.get("kind", "tools")), row.get("signals") or {}
+        assert isinstance(signals, dict)
+        if kind in KINDS:
+            rows.append((kind, {k: float(v) for k, v in signals.items()}, bool(row["success"])))
+    report = holdout_report(rule, rows, SIGNALS)
+    for kind, r in report.items():
+        if "rule_auroc" in r:
+            auc = "-" if r["rule_auroc"] is None else f"{r['rule_auroc']:.3f}"
+            kept = "-" if r["kept_success_rate"] is None else f"{r['kept_success_rate']:.3f}"
+            print(f"held out {kind}: {r['rows']} rows, rule AUROC {auc}, fallback "
+                  f"{r['fallback_rate']:.3f}, kept ok {kept} (all {r['success_rate']:.3f})")
+        ranked = sorted(((a, n) for n, a in r["single"].items() if a is not None), reverse=True)
+        print("  single: " + ", ".join(f"{n} {a:.3f}" for a, n in ranked))
+    return report
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -226,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--pre-threshold", type=float, default=0.5)
     cal.add_argument("--deferral-out", default=None,
                      help="also fit a learned deferral rule per request kind; write it here")
+    cal.add_argument("--holdout", default=None,
+                     help="labels the rule was not fitted on: report its AUROC there, next to "
+                     "each single signal's (with --deferral-out)")  # fmt: skip
     cal.add_argument("--json", default=None, help="write the results as JSON")
     cal.set_defaults(func=_calibrate)
 

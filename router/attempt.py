@@ -206,6 +206,7 @@ class Attempt:
                     choice.events, masked=masked, valid=check.valid,
                     call_arguments=[json.loads(c.arguments) for c in calls] or None,
                     messages=req.messages,
+                    tools_offered=kind_of(req.constraint) == "tools",
                 )
             )  # fmt: skip
         return out

@@ -9,7 +9,10 @@ the mean probability is length-biased and even inverted on tool calls), so the r
   masked the tokens;
 * provenance: the share of a tool call's argument values that appear in the conversation (an
   invented city or id is a strong failure sign);
-* the output check (valid or not) and the answer's length.
+* the output check (valid or not) and the answer's length;
+* with tools offered, whether the answer called none (an abstention, right on irrelevant
+  requests and wrong elsewhere: without this a text answer looks unconfident only for its
+  missing provenance) and how many calls it made.
 
 A logistic regression per kind of request (``text``, ``json``, ``tools``), pure numpy, fitted by
 ``slmgate calibrate --deferral-out`` from labelled answers and stored as JSON. A feature that is
@@ -37,7 +40,7 @@ Kind = Literal["text", "json", "tools"]
 KINDS: tuple[Kind, ...] = ("text", "json", "tools")
 FEATURES = (
     "lp_q10", "lp_q25", "lp_q50", "lp_min", "entropy_mean", "entropy_max",
-    "agree_mean", "agree_min", "provenance", "valid", "log_tokens",
+    "agree_mean", "agree_min", "provenance", "valid", "log_tokens", "abstained", "calls",
 )  # fmt: skip
 LOGPROB_FLOOR = -20.0  # log-probabilities below this carry no more information
 
@@ -149,10 +152,14 @@ def answer_features(
     valid: bool,
     call_arguments: Sequence[Mapping[str, Any]] | None,
     messages: Sequence[Mapping[str, Any]],
+    tools_offered: bool = False,
 ) -> dict[str, float]:
     """Every deferral feature of one answer (a missing key = undefined for it)."""
     out = token_features(events, masked)
     out["valid"] = 1.0 if valid else 0.0
+    if tools_offered:
+        out["calls"] = float(len(call_arguments or ()))
+        out["abstained"] = 0.0 if call_arguments else 1.0
     if call_arguments:
         prov = provenance(call_arguments, conversation_text(messages))
         if prov is not None:
@@ -307,6 +314,38 @@ def fit_rule(
             "weights": dict(zip(model.features, model.weights, strict=True)),
         }  # fmt: skip
     return DeferralRule(models), report
+
+
+def holdout_report(
+    rule: DeferralRule,
+    rows: Sequence[tuple[Kind, Mapping[str, float], bool]],
+    signals: Sequence[str] = (),
+) -> dict[str, Any]:
+    """How a fitted rule does on rows it was not fitted on, per kind: its AUROC next to each
+    single signal's and feature's (over the rows where that one is defined; below 0.5 means
+    inverted), and at its own threshold the fallback rate and the kept answers' success rate."""
+    from router.calibrate import auroc, rates_at
+
+    report: dict[str, Any] = {}
+    for kind in KINDS:
+        labelled = [(values, ok) for k, values, ok in rows if k == kind]
+        if not labelled:
+            continue
+        entry: dict[str, Any] = {"rows": len(labelled), "success_rate":
+                                 sum(ok for _, ok in labelled) / len(labelled)}  # fmt: skip
+        if rule.covers(kind):
+            scored = [(rule.p_success(kind, values) or 0.0, ok) for values, ok in labelled]
+            fallback, kept = rates_at(scored, rule.threshold(kind))
+            entry.update(rule_auroc=auroc(scored), fallback_rate=fallback,
+                         kept_success_rate=kept)  # fmt: skip
+        single: dict[str, float | None] = {}
+        for name in (*signals, *FEATURES):
+            defined = [(v[name], ok) for v, ok in labelled if name in v]
+            if name not in single and defined:
+                single[name] = auroc(defined)
+        entry["single"] = single
+        report[kind] = entry
+    return report
 
 
 def _fields(model: LogisticModel) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from router.deferral import (
     answer_features,
     fit_logistic,
     fit_rule,
+    holdout_report,
     is_masked,
     kind_of,
     provenance,
@@ -74,6 +75,20 @@ def test_answer_features_read_calls_against_the_conversation() -> None:
     assert f["valid"] == 1.0
     assert "provenance" not in answer_features([event(0.9)], masked=False, valid=False,
                                                call_arguments=None, messages=messages)  # fmt: skip
+
+
+def test_answer_features_say_whether_a_tool_request_was_answered_without_a_call() -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    text = answer_features([event(0.9)], masked=False, valid=True, call_arguments=None,
+                           messages=messages, tools_offered=True)  # fmt: skip
+    assert (text["abstained"], text["calls"]) == (1.0, 0.0)
+    two = answer_features([event(0.9)], masked=False, valid=True, messages=messages,
+                          call_arguments=[{"a": 1}, {"a": 2}], tools_offered=True)  # fmt: skip
+    assert (two["abstained"], two["calls"]) == (0.0, 2.0)
+    plain = answer_features([event(0.9)], masked=False, valid=True, call_arguments=None,
+                            messages=messages)  # fmt: skip
+    assert "abstained" not in plain
+    assert "calls" not in plain
 
 
 def test_kinds() -> None:
@@ -140,3 +155,25 @@ def test_bad_rule_files_are_refused() -> None:
         DeferralRule.from_dict({"models": {}})
     with pytest.raises(ValueError, match="unknown kind"):
         DeferralRule.from_dict({"deferral_rule": 1, "models": {"audio": {}}})
+
+
+def test_holdout_report_scores_the_rule_next_to_each_signal_on_unseen_rows() -> None:
+    rule, _ = fit_rule([("tools", v, ok) for v, ok in synthetic(400, 6)], min_success_rate=0.8)
+    held = [("tools", v, ok) for v, ok in synthetic(300, 7)]
+    held += [("text", {"lp_q10": -1.0}, True), ("text", {"lp_q10": -3.0}, False)]
+    report = holdout_report(rule, held, signals=("mean_prob",))  # type: ignore[arg-type]
+    tools = report["tools"]
+    assert tools["rows"] == 300
+    single = tools["single"]
+    assert set(single) == {"provenance", "lp_q10", "lp_q50"}  # only features the rows define
+    assert tools["rule_auroc"] == pytest.approx(
+        auroc([(rule.p_success("tools", v) or 0.0, ok) for _, v, ok in held[:300]])
+    )
+    assert tools["rule_auroc"] > max(a for a in single.values() if a is not None)
+    threshold = rule.threshold("tools")
+    kept = [ok for _, v, ok in held[:300] if (rule.p_success("tools", v) or 0) >= threshold]
+    assert tools["kept_success_rate"] == pytest.approx(sum(kept) / len(kept))
+    assert tools["fallback_rate"] == pytest.approx(1 - len(kept) / 300)
+    # no text model: only the single signals, which still rank the text rows
+    assert "rule_auroc" not in report["text"]
+    assert report["text"]["single"] == {"lp_q10": 1.0}
