@@ -77,6 +77,9 @@ class Answer:
     fallback_reason: str | None = None
     attempts: list[AttemptRecord] = field(default_factory=list)
     memory_examples: tuple[str, ...] = ()  # demonstrations shown to the first tier
+    # The counterfactual is an estimate from a compute-priced top tier's measured cost per token
+    # (it did not answer this request itself).
+    counterfactual_estimated: bool = False
 
     @property
     def valid(self) -> bool:

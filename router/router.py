@@ -43,6 +43,7 @@ from router.answer import (
     schema_valid_of,
 )
 from router.attempt import prepare_on, prepare_on_async
+from router.cost import ComputeRate
 from router.energy import EnergyMeter
 from router.memory import EscalationMemory, MemoryStore, answer_text, with_demonstrations
 from router.route import POLICIES, Policy, Route
@@ -78,6 +79,8 @@ class Router:
         self.energy = energy
         self._memory_store: MemoryStore | None = None
         self._memories: dict[str, EscalationMemory] = {}
+        # Measured cost per token of each compute-priced backend (``router.cost.ComputeRate``).
+        self.compute_rates: dict[str, ComputeRate] = {}
 
     # ---- resolving and preparing ---------------------------------------------------------
 
@@ -210,7 +213,8 @@ class Router:
     ) -> AsyncGenerator[TokenEvent | FinishEvent | Answer, None]:
         backends = [self.backends[name] for name in plan.route.tiers]
         req = self.with_route_settings(plan.route, req)
-        return run_tiers(plan, req, trace, backends, self.energy, streaming=streaming)
+        return run_tiers(plan, req, trace, backends, self.energy, streaming=streaming,
+                         rates=self.compute_rates)  # fmt: skip
 
     async def complete(self, plan: Plan, req: GenerationRequest, trace: Trace) -> Answer:
         """Run the plan's policy to a final answer. Attempts land in ``trace`` as they end,

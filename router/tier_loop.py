@@ -38,7 +38,7 @@ from router.abstain import (
 )
 from router.answer import Answer, Plan, Trace, executable_of
 from router.attempt import Attempt, Event, grammar_of, is_cancellation
-from router.cost import counterfactual_cost
+from router.cost import ComputeRate, compute_priced, counterfactual_cost
 from router.energy import EnergyMeter
 from router.invalid import constrained, invalid_policy, resample_request
 from router.records import AttemptOutcome
@@ -186,8 +186,11 @@ async def run_tiers(
     energy: EnergyMeter | None = None,
     *,
     streaming: bool,
+    rates: dict[str, ComputeRate] | None = None,
 ) -> AsyncGenerator[Event | Answer, None]:
-    """Run ``plan`` to an answer (the last item). ``backends``: one per route tier.
+    """Run ``plan`` to an answer (the last item). ``backends``: one per route tier; ``rates``:
+    each compute-priced backend's measured cost per token, updated by every finished attempt
+    and read to estimate a compute-priced top tier's counterfactual.
 
     Streaming, the events before the answer are its output as the caller may see it; an
     attempt's held-back events are released when it is accepted, and a kept earlier answer's
@@ -282,11 +285,12 @@ async def run_tiers(
                     raise invalid_output_error(att, req, samples)
             invalid = "invalid" if step == "fall_back" else None  # finished, but not used
             att.book(outcome_of(step, att), req, reason=why or invalid)
+            observe_rate(rates, att)
             if step == "accept":
                 if streaming:
                     for event in att.release():
                         yield event
-                yield answer_of(att, trace, backends[-1], reason)
+                yield answer_of(att, trace, backends[-1], reason, rates)
                 return
             if step == "next":
                 reason = why
@@ -302,23 +306,41 @@ async def run_tiers(
                 trace.streaming_from = kept.info.name
                 for event in kept.release():
                     yield event
-            yield answer_of(kept, trace, backends[-1], reason)
+            yield answer_of(kept, trace, backends[-1], reason, rates)
             return
     raise AssertionError("unreachable: the last tier always decides")
 
 
-def answer_of(att: Attempt, trace: Trace, top: Any, reason: str | None) -> Answer:
+def observe_rate(rates: dict[str, ComputeRate] | None, att: Attempt) -> None:
+    """Feed a finished attempt of a compute-priced backend into its cost-per-token fit (an
+    attempt cut short is charged its wall time, not what its tokens took: left out)."""
+    if rates is None or att.aborted or att.record is None or not compute_priced(att.info):
+        return
+    rec = att.record
+    rates.setdefault(att.info.name, ComputeRate()).observe(
+        rec.prompt_tokens, rec.completion_tokens, rec.cost_usd
+    )
+
+
+def answer_of(
+    att: Attempt, trace: Trace, top: Any, reason: str | None,
+    rates: dict[str, ComputeRate] | None = None,
+) -> Answer:  # fmt: skip
     """The accepted attempt as an answer; cost counts every attempt, counterfactual prices its
-    tokens at the route's top tier. A compute-priced top tier that did not answer has no known
-    price for them: the counterfactual is then the request's own cost, so no saving (or loss)
-    is claimed for a request whose baseline is unknown."""
+    tokens at the route's top tier. A compute-priced top tier that did not answer is estimated
+    from its measured cost per token (``rates``); before it has answered enough requests the
+    baseline is unknown, and the counterfactual is the request's own cost, so no saving (or
+    loss) is claimed for it."""
     assert att.result is not None
     result = att.result
     cost = sum(a.cost_usd for a in trace.attempts)
     own = att.record.cost_usd if att.backend is top and att.record is not None else None
-    known = counterfactual_cost(top.info, result.prompt_tokens, result.completion_tokens, own)
+    rate = None if rates is None else rates.get(top.info.name)
+    known = counterfactual_cost(top.info, result.prompt_tokens, result.completion_tokens, own, rate)
     counterfactual = cost if known is None else known
-    return Answer(
+    answer = Answer(
         result, att.checks, att.info, att.route.name, cost, counterfactual,
         att.confidence, att.signals, reason, trace.attempts,
     )  # fmt: skip
+    answer.counterfactual_estimated = known is not None and own is None and compute_priced(top.info)
+    return answer

@@ -13,9 +13,10 @@ from decoding.backend import BackendInfo, FinishEvent
 from decoding.models import ModelSpec
 from decoding.types import GenerationRequest, TokenEvent
 from router.attempt import compute_of
-from router.cost import attempt_cost, counterfactual_cost
-from router.router import request_record
-from tests.unit.router.test_tier_loop import CASCADE, Tier, decide, request
+from router.cost import MIN_RATE_OBSERVATIONS, ComputeRate, attempt_cost, counterfactual_cost
+from router.router import Router, request_record
+from router.router import Trace as RouterTrace
+from tests.unit.router.test_tier_loop import CASCADE, SINGLE, Tier, decide, request
 
 # 2 cores at $0.0504 per core-hour: $0.1008 per hour of the engine's compute
 CPU_2 = BackendInfo("slm", "slm", "m", 1, True, True, compute_price_per_hour=0.1008,
@@ -127,3 +128,61 @@ async def test_per_token_tier_records_no_compute() -> None:
     answer, _, trace = await decide("complete", CASCADE, Tier("slm", "fine"), Tier("llm", "x"))
     assert answer.backend.name == "slm"
     assert trace.attempts[0].compute_s is None
+
+
+def rate_of(rows: list[tuple[int, int, float]]) -> ComputeRate:
+    rate = ComputeRate()
+    for p, c, cost in rows:
+        rate.observe(p, c, cost)
+    return rate
+
+
+def test_compute_rate_recovers_per_token_costs_exactly() -> None:
+    # cost = 1e-6 per prompt token + 5e-5 per completion token, sizes varied independently
+    rows = [(p, c, 1e-6 * p + 5e-5 * c) for p in (100, 400, 900) for c in (10, 40, 70)]
+    rate = rate_of(rows)
+    a, b = rate.rates()
+    assert (a, b) == (pytest.approx(1e-6), pytest.approx(5e-5))
+    assert rate.estimate(500, 20) == pytest.approx(5e-4 + 1e-3)
+
+
+def test_compute_rate_is_unknown_until_enough_attempts() -> None:
+    rows = [(100 * i, 10 * i, 0.001 * i) for i in range(1, MIN_RATE_OBSERVATIONS)]
+    assert rate_of(rows).estimate(100, 10) is None
+    assert rate_of([*rows, (50, 5, 0.0005)]).estimate(100, 10) is not None
+
+
+def test_compute_rate_never_goes_negative() -> None:
+    # cost falls as prompts grow (cached prompts are cheap): no negative price per prompt token
+    rows = [(1000, 10, 0.010), (200, 10, 0.012), (800, 20, 0.019), (100, 20, 0.022)] * 2
+    a, b = rate_of(rows).rates()
+    assert a == 0.0
+    assert b > 0
+    # one size only (collinear): one rate carries it
+    a, b = rate_of([(100, 10, 0.01)] * 8).rates()
+    assert a * 100 + b * 10 == pytest.approx(0.01)
+    assert ComputeRate().rates() == (0.0, 0.0)
+
+
+def test_counterfactual_of_a_compute_priced_top_is_estimated_from_its_rate() -> None:
+    rate = rate_of([(p, c, 1e-6 * p + 1e-4 * c) for p in (10, 30) for c in (1, 2, 3, 4)])
+    assert counterfactual_cost(CPU_2, 1_000, 10, top_rate=rate) == pytest.approx(2e-3)
+    assert counterfactual_cost(CPU_2, 1_000, 10, top_answer_cost=0.5, top_rate=rate) == 0.5
+    assert counterfactual_cost(CPU_2, 1_000, 10, top_rate=ComputeRate()) is None
+
+
+async def test_slm_answer_is_priced_at_the_top_tiers_measured_rate_once_it_has_one() -> None:
+    slm = ComputeTier("slm", "fine", 0.9, per_hour=36.0, seconds=2.0)  # $0.02 an attempt
+    llm = ComputeTier("llm", "other", 0.9, per_hour=360.0, seconds=1.0)  # $0.1 an attempt
+    router = Router({"slm": slm, "llm": llm}, {})
+    llm_only = dataclasses.replace(SINGLE, tiers=("llm",))
+    for i in range(MIN_RATE_OBSERVATIONS):  # the top tier answers alone: its rate is measured
+        trace = RouterTrace(f"r{i}", "llm", f"t{i}")
+        await router.complete(router.plan(llm_only, request(), trace), request(), trace)
+    trace = RouterTrace("kept", "auto", "k")
+    answer = await router.complete(router.plan(CASCADE, request(), trace), request(), trace)
+    assert answer.backend.name == "slm"
+    assert answer.cost_usd == pytest.approx(0.02)
+    # same prompt (7 tokens) and length (4) as the top tier's answers: its cost, $0.1
+    assert answer.counterfactual_cost_usd == pytest.approx(0.1)
+    assert answer.counterfactual_estimated
