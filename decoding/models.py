@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 BUILTIN_SOURCES: dict[str, GGUFSource] = {
     "builtin:smollm2-135m-instruct": SMOLLM2_135M,
     "builtin:qwen2.5-coder-0.5b-instruct": QWEN25_CODER_05B,
-    # Available but not a default tier yet (issue 12 makes it the default ``llm``).
     "builtin:qwen2.5-coder-1.5b-instruct": QWEN25_CODER_15B,
 }
 
@@ -214,9 +213,13 @@ class ModelSpec:
         return path.name or path.resolve().name or self.name
 
 
+# The tiers that can do agent work (BENCHMARKS.md, "Routing"): Qwen2.5-Coder-0.5B answers first,
+# the 1.5B takes what it escalates. SmolLM2-135M makes no correct BFCL tool call, so it is no
+# tier of the default route; it is served as ``tiny`` for trivial traffic and fast tests.
 DEFAULT_MODELS = (
-    ModelSpec("slm", "builtin:smollm2-135m-instruct", tier="slm"),
-    ModelSpec("llm", "builtin:qwen2.5-coder-0.5b-instruct", tier="llm"),
+    ModelSpec("slm", "builtin:qwen2.5-coder-0.5b-instruct", tier="slm"),
+    ModelSpec("llm", "builtin:qwen2.5-coder-1.5b-instruct", tier="llm"),
+    ModelSpec("tiny", "builtin:smollm2-135m-instruct", tier="tiny", kv_cache_mb=256),
 )
 
 

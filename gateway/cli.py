@@ -154,13 +154,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.deferral_out:
         from router.deferral import KINDS, fit_rule
 
-        target = args.target_success_rate
-        if target is None:
-            print("--deferral-out needs --target-success-rate (the kept answers' success bar)")
-            return 1
         pairs = zip(kinds, labelled, strict=True)
         kinded = [(k, v, ok) for k, (v, ok) in pairs if k in KINDS]
-        rule, report = fit_rule(kinded, min_success_rate=target)
+        rule, report = fit_rule(kinded, min_success_rate=args.target_success_rate,
+                                max_fallback_rate=args.target_fallback_rate)  # fmt: skip
         rule.save(args.deferral_out)
         for kind, r in report.items():
             head = f"deferral {kind}: {r['rows']} rows"

@@ -1,8 +1,9 @@
 """One typed configuration: a YAML/TOML file plus ``SLMGATE_*`` environment overrides.
 
-With no file at all, slmgate serves the embedded defaults: model ``slm`` (SmolLM2-135M),
-model ``llm`` (Qwen2.5-Coder-0.5B), route ``auto`` (cascade SLM → LLM) and route ``pre``
-(pre-router). The ledger is a SQLite file in the cache directory unless ``ledger_url`` (or
+With no file at all, slmgate serves the embedded defaults: model ``slm`` (Qwen2.5-Coder-0.5B),
+model ``llm`` (Qwen2.5-Coder-1.5B), model ``tiny`` (SmolLM2-135M), route ``auto`` (cascade
+SLM → LLM with the learned deferral rule) and route ``pre`` (pre-router). The ledger is a
+SQLite file in the cache directory unless ``ledger_url`` (or
 ``SLMGATE_LEDGER_URL``) names another database, e.g. ``postgresql+psycopg://host/db``.
 """
 
@@ -19,20 +20,24 @@ import yaml
 
 from decoding.models import DEFAULT_MODELS, ModelSpec
 from router.confidence import EarlyFallback
-from router.deferral import DeferralRule
+from router.deferral import BUNDLED_RULE_PATH, DeferralRule
 from router.memory import MemoryConfig
 from router.pre import PreRouter
 from router.router import Route
 
-# Calibrated with `slmgate calibrate --target-success-rate 0.5` on a BFCL split (items 10-14 of
-# each category; BENCHMARKS.md, "Routing"): the best-separating signal there was the lowest
-# grammar agreement of the SLM's tokens (AUROC 0.73; mean_prob was inverted, 0.24). Recalibrate
-# on your own traffic: `slmgate calibrate --ledger URL` once tasks report outcomes.
+# For requests the learned rule has no model for (free text, JSON schemas): the lowest grammar
+# agreement of the SLM's tokens, calibrated with `slmgate calibrate --target-success-rate 0.5` on
+# a BFCL split (BENCHMARKS.md, "Routing": AUROC 0.73; mean_prob was inverted, 0.24).
 DEFAULT_SIGNAL = "min_grammar_agreement"
 DEFAULT_THRESHOLD = 0.9986
+# The learned deferral rule of the default cascade (tool calls): fitted by `slmgate calibrate
+# --labels … --target-fallback-rate 0.2 --deferral-out` on Qwen2.5-Coder-0.5B's answers to BFCL
+# items 50-79 of five categories (BENCHMARKS.md, "Routing"; evaluated on items 0-49). Refit it on
+# your own traffic: `slmgate calibrate --ledger URL --deferral-out rule.json`.
+DEFAULT_DEFERRAL = DeferralRule.load(BUNDLED_RULE_PATH)
 DEFAULT_ROUTES = (
     Route("auto", ("slm", "llm"), policy="cascade", signal=DEFAULT_SIGNAL,
-          threshold=DEFAULT_THRESHOLD),
+          threshold=DEFAULT_THRESHOLD, deferral=DEFAULT_DEFERRAL),
     Route("pre", ("slm", "llm"), policy="pre"),
 )
 
@@ -125,8 +130,11 @@ def route_from_mapping(data: Mapping[str, Any]) -> Route:
         raise ValueError(f"route {data.get('name')!r}: unknown keys {sorted(unknown)}")
     nested = {"early_fallback", "pre", "deferral", "memory"}
     kwargs: dict[str, Any] = {k: data[k] for k in known & set(data) - nested}
-    if "deferral" in data:
-        kwargs["deferral"] = DeferralRule.load(data["deferral"])
+    if "deferral" in data:  # a file, or "default": the rule the default cascade ships with
+        deferral = data["deferral"]
+        kwargs["deferral"] = (
+            DEFAULT_DEFERRAL if deferral == "default" else DeferralRule.load(deferral)
+        )
     if "memory" in data:
         kwargs["memory"] = MemoryConfig(**data["memory"])
     kwargs["tiers"] = tuple(data["tiers"])

@@ -43,6 +43,8 @@ FEATURES = (
     "agree_mean", "agree_min", "provenance", "valid", "log_tokens", "abstained", "calls",
 )  # fmt: skip
 LOGPROB_FLOOR = -20.0  # log-probabilities below this carry no more information
+# The rule the default ``auto`` cascade ships with (``gateway.config.DEFAULT_ROUTES``).
+BUNDLED_RULE_PATH = Path(__file__).parent / "rules" / "default_deferral.json"
 
 
 def kind_of(constraint: Constraint) -> Kind:
@@ -288,12 +290,14 @@ def fit_logistic(
 def fit_rule(
     rows: Sequence[tuple[Kind, Mapping[str, float], bool]],
     *,
-    min_success_rate: float,
+    min_success_rate: float | None = None,
+    max_fallback_rate: float | None = None,
     l2: float = 1.0,
 ) -> tuple[DeferralRule, dict[str, Any]]:
     """A rule with one model per kind that has both successes and failures, each with the
-    lowest threshold at which the answers it keeps succeed ``min_success_rate`` of the time
-    (on these rows); plus a report per kind (rows, AUROC on these rows, threshold, fallback)."""
+    lowest threshold at which the answers it keeps succeed ``min_success_rate`` of the time, or
+    the highest that escalates at most ``max_fallback_rate`` of them (one target, on these
+    rows); plus a report per kind (rows, AUROC on these rows, threshold, fallback)."""
     from router.calibrate import calibrate
 
     models: dict[str, LogisticModel] = {}
@@ -305,7 +309,8 @@ def fit_rule(
             continue
         model = fit_logistic(labelled, l2=l2)
         scored = [(model.p_success(values), ok) for values, ok in labelled]
-        cal = calibrate(scored, signal="deferral", min_success_rate=min_success_rate)
+        cal = calibrate(scored, signal="deferral", min_success_rate=min_success_rate,
+                        max_fallback_rate=max_fallback_rate)  # fmt: skip
         models[kind] = replace(model, threshold=cal.threshold)
         report[kind] = {
             "rows": len(labelled), "fitted": True, "auroc": cal.auroc,
