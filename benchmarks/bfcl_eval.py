@@ -42,10 +42,12 @@ from benchmarks.bfcl_report import (
     ItemRecord,
     label_rows,
     record_from_dict,
+    render_stream,
     render_table,
     reprice,
     repriced_table,
     simulate_cascade,
+    stream_table,
     summarize,
 )
 
@@ -55,8 +57,8 @@ CHECKPOINT_EVERY = 2  # items between partial --json writes (also written on SIG
 
 
 __all__ = [
-    "ItemRecord", "label_rows", "record_from_dict", "render_table", "reprice", "repriced_table",
-    "simulate_cascade", "summarize",
+    "ItemRecord", "label_rows", "record_from_dict", "render_stream", "render_table", "reprice",
+    "repriced_table", "simulate_cascade", "stream_table", "summarize",
 ]  # fmt: skip
 
 # ---- pure parts (unit-tested) ------------------------------------------------------------------
@@ -142,6 +144,8 @@ def apply_facts(record: ItemRecord, body: dict[str, Any]) -> None:
     record.counterfactual_cost_usd = _opt_float(facts.get("counterfactual_cost_usd"))
     record.fallback_reason = _opt_str(facts.get("fallback_reason"))
     record.confidence = _opt_float(facts.get("confidence"))
+    shown = facts.get("memory_examples")
+    record.memory_examples = len(shown) if isinstance(shown, list) else None
     signals = facts.get("signals")
     if isinstance(signals, dict):
         record.signals = {str(k): f for k, v in signals.items() if (f := _opt_float(v)) is not None}
@@ -448,6 +452,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "from LiteLLM's cost map (e.g. llm=gpt-4o); other tiers keep their measured cost",
     )
     p.add_argument(
+        "--stream",
+        default=None,
+        metavar="POLICIES",
+        help="also report accuracy and escalations by position in the stream for these "
+        "policies (comma-separated; e.g. a route with escalation memory and one without)",
+    )
+    p.add_argument("--stream-bucket", type=int, default=10, help="item numbers per row")
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="send nothing: report the records already in --json (with --reprice, say)",
@@ -493,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     print(render_table(report["summaries"], report["categories"]))
     if args.reprice:
         print("\n" + repriced_table(report, args.reprice))
+    if args.stream:
+        chosen = [p.strip() for p in args.stream.split(",") if p.strip()]
+        print("\nBy position in the stream\n")
+        print(render_stream(stream_table(records, chosen, args.stream_bucket)))
     if args.json and not args.report_only:
         _write_json(args.json, report)
     if args.labels:

@@ -41,6 +41,7 @@ class ItemRecord:
     completion_tokens: int | None = None
     calls: int = 0  # tool calls in the reply
     features: dict[str, float] = field(default_factory=dict)  # pre-router features of the request
+    memory_examples: int | None = None  # demonstrations the first tier was shown (memory routes)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -275,3 +276,61 @@ def repriced_table(report: dict[str, Any], spec: str) -> str:
     summaries = [summarize(records, p) for p in report["policies"]]
     title = f"As if tier {tier} were {model} (${prices[0]:g} in / ${prices[1]:g} out per 1M)"
     return f"{title}\n\n{render_table(summaries, report['categories'])}"
+
+
+def item_index(item_id: str) -> int:
+    """The item's number in its category (``simple_python_12`` -> 12)."""
+    return int(item_id.rsplit("_", 1)[1])
+
+
+def first_prompt_tokens(record: ItemRecord) -> int | None:
+    tokens = record.attempts[0].get("prompt_tokens") if record.attempts else None
+    return tokens if isinstance(tokens, int) else None
+
+
+def stream_table(
+    records: Sequence[ItemRecord], policies: Sequence[str], bucket: int, baseline: str = "slm"
+) -> list[dict[str, Any]]:
+    """Accuracy and escalation rate by position in the stream (the item's number in its
+    category: items are sent in that order, every category taking turns), per policy, in
+    buckets of ``bucket`` item numbers. ``shown``: the share of a policy's requests whose first
+    attempt read more prompt tokens than ``baseline``'s answer to the same item (escalation
+    memory added demonstrations), when the records carry per-attempt token counts."""
+    base = {(r.category, r.id): first_prompt_tokens(r) for r in records if r.policy == baseline}
+    start = min((item_index(r.id) for r in records), default=0)
+    rows: list[dict[str, Any]] = []
+    for policy in policies:
+        mine = [r for r in records if r.policy == policy]
+        by_bucket: dict[int, list[ItemRecord]] = {}
+        for r in mine:
+            by_bucket.setdefault((item_index(r.id) - start) // bucket, []).append(r)
+        for b in sorted(by_bucket):
+            got = by_bucket[b]
+            replies = [r for r in got if r.tier is not None]
+            compared = [
+                (tokens, seen)
+                for r in got
+                if (tokens := first_prompt_tokens(r)) is not None
+                and (seen := base.get((r.category, r.id))) is not None
+            ]
+            rows.append({
+                "policy": policy, "items": f"{start + b * bucket}-{start + (b + 1) * bucket - 1}",
+                "n": len(got), "accuracy": sum(r.success for r in got) / len(got),
+                "escalated": (sum(r.fallback_reason is not None for r in replies) / len(replies)
+                              if replies else None),
+                "shown": (sum(t > s for t, s in compared) / len(compared)) if compared else None,
+            })  # fmt: skip
+    return rows
+
+
+def render_stream(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| policy | items | n | accuracy | escalated | memory shown |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['policy']} | {r['items']} | {r['n']} | {_pct(r['accuracy'])} "
+            f"| {_pct(r['escalated'])} | {_pct(r['shown'])} |"
+        )
+    return "\n".join(lines)

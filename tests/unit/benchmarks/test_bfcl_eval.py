@@ -722,3 +722,33 @@ def test_report_only_reprints_a_saved_run_with_a_hosted_price(
         be.parse_args(["--report-only", "--json", str(tmp_path / "missing.json")])
     with pytest.raises(SystemExit):
         be.parse_args(["--report-only", "--json", str(path), "--reprice", "gpt-4o"])
+
+
+def test_stream_table_by_position_with_memory_shown() -> None:
+    def at(policy: str, n: int, ok: bool, prompt: int, reason: str | None = None) -> Any:
+        facts = [attempt_fact("slm", 0.1, prompt, 5)]
+        return rec(policy, ok, id=f"multiple_{n}", category="multiple", tier="slm",
+                   fallback_reason=reason, attempts=facts)  # fmt: skip
+
+    records = [
+        at("slm", 0, True, 100), at("slm", 1, False, 100), at("slm", 2, True, 120),
+        at("mem", 0, True, 100), at("mem", 1, True, 100, "low_confidence"),
+        at("mem", 2, True, 180),  # demonstrations added 60 prompt tokens
+    ]  # fmt: skip
+    rows = be.stream_table(records, ["slm", "mem"], bucket=2)
+    view = [(r["policy"], r["items"], r["n"], r["accuracy"], r["escalated"], r["shown"])
+            for r in rows]  # fmt: skip
+    assert view == [
+        ("slm", "0-1", 2, 0.5, 0.0, 0.0), ("slm", "2-3", 1, 1.0, 0.0, 0.0),
+        ("mem", "0-1", 2, 1.0, 0.5, 0.0), ("mem", "2-3", 1, 1.0, 0.0, 1.0),
+    ]  # fmt: skip
+    table = be.render_stream(rows).splitlines()
+    assert table[-1] == "| mem | 2-3 | 1 | 100.0% | 0.0% | 100.0% |"
+
+
+def test_apply_facts_counts_memory_examples() -> None:
+    record = rec("auto", False)
+    be.apply_facts(record, {"slmgate": {"memory_examples": ["a", "b"]}})
+    assert record.memory_examples == 2
+    be.apply_facts(record, {"slmgate": {}})
+    assert record.memory_examples is None

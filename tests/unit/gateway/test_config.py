@@ -7,16 +7,35 @@ from pathlib import Path
 import pytest
 
 from gateway.config import GatewayConfig, from_mapping, load_config
+from router.deferral import BUNDLED_RULE_PATH, DeferralRule
 from router.pre import PreRouter
 
 
 def test_default_routes_are_a_calibrated_cascade_and_a_pre_router() -> None:
-    routes = {r.name: r for r in GatewayConfig().routes}
+    config = GatewayConfig()
+    assert [(m.name, m.source, m.tier) for m in config.models] == [
+        ("slm", "builtin:qwen2.5-coder-0.5b-instruct", "slm"),
+        ("llm", "builtin:qwen2.5-coder-1.5b-instruct", "llm"),
+        ("tiny", "builtin:smollm2-135m-instruct", "tiny"),
+    ]
+    routes = {r.name: r for r in config.routes}
     assert routes["auto"].policy == "cascade"
     assert routes["auto"].tiers == ("slm", "llm")
-    assert routes["auto"].signal == "min_grammar_agreement"
+    assert routes["auto"].signal == "min_grammar_agreement"  # kinds the rule does not cover
     assert routes["auto"].threshold == pytest.approx(0.9986)
+    rule = routes["auto"].deferral
+    assert rule is not None
+    assert rule.covers("tools")
+    assert not rule.covers("text")
+    assert 0.0 < rule.threshold("tools") < 1.0
     assert routes["pre"].policy == "pre"
+
+
+def test_a_route_can_name_the_bundled_deferral_rule() -> None:
+    config = from_mapping({"routes": [{"name": "mine", "tiers": ["slm", "llm"],
+                                       "policy": "cascade", "deferral": "default"}]})  # fmt: skip
+    (mine,) = config.routes
+    assert mine.deferral == DeferralRule.load(BUNDLED_RULE_PATH)
 
 
 def test_route_settings_are_parsed(tmp_path: Path) -> None:
