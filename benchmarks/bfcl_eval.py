@@ -447,9 +447,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--reprice",
         default=None,
-        metavar="TIER=MODEL",
-        help="also report every policy as if TIER were the hosted MODEL, priced per token "
-        "from LiteLLM's cost map (e.g. llm=gpt-4o); other tiers keep their measured cost",
+        metavar="TIER=PRICE[,...]",
+        help="also report every policy with TIER's attempts priced per token: PRICE is a hosted "
+        "model in LiteLLM's cost map (llm=gpt-4o) or IN/OUT $ per 1M tokens (slm=0.8/2.4); "
+        "other tiers keep their measured cost",
     )
     p.add_argument(
         "--stream",
@@ -476,7 +477,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.labels and "slm" not in args.policies.split(","):
         p.error("--labels needs the slm policy in --policies")
     if args.reprice is not None and "=" not in args.reprice:
-        p.error("--reprice takes TIER=MODEL, e.g. llm=gpt-4o")
+        p.error("--reprice takes TIER=PRICE, e.g. llm=gpt-4o or slm=0.8/2.4")
     if args.report_only and not (args.json and args.json.exists()):
         p.error("--report-only needs an existing --json file")
     return args

@@ -224,18 +224,17 @@ def reprice(
         if r.cost_usd is None:
             out.append(replace(r))
             continue
-        cost = 0.0
+        attempts = []
         for a in r.attempts:
-            if a.get("tier") != tier:
-                cost += float(a.get("cost_usd") or 0.0)
-            elif isinstance(a.get("prompt_tokens"), int) and isinstance(
-                a.get("completion_tokens"), int
-            ):
-                cost += (a["prompt_tokens"] * price_in_per_mtok
-                         + a["completion_tokens"] * price_out_per_mtok) / 1e6  # fmt: skip
-            else:
-                return None
-        out.append(replace(r, cost_usd=cost))
+            if a.get("tier") == tier:
+                prompt, completion = a.get("prompt_tokens"), a.get("completion_tokens")
+                if not isinstance(prompt, int) or not isinstance(completion, int):
+                    return None
+                price = (prompt * price_in_per_mtok + completion * price_out_per_mtok) / 1e6
+                a = {**a, "cost_usd": price}
+            attempts.append(a)
+        cost = sum(float(a.get("cost_usd") or 0.0) for a in attempts)
+        out.append(replace(r, cost_usd=cost, attempts=attempts))
     return out
 
 
@@ -262,20 +261,42 @@ def record_from_dict(data: dict[str, Any]) -> ItemRecord:
     return ItemRecord(**{k: v for k, v in data.items() if k in known})
 
 
-def repriced_table(report: dict[str, Any], spec: str) -> str:
-    """The policy table again with ``TIER=MODEL``'s attempts priced from LiteLLM's cost map."""
+def parse_price(value: str) -> tuple[float, float, str] | str:
+    """``IN/OUT`` ($ per 1M tokens) or a model in LiteLLM's cost map: (in, out, label), or why
+    not."""
+    if "/" in value and not value.startswith("/"):
+        head, _, tail = value.partition("/")
+        try:
+            return float(head), float(tail), f"${float(head):g} in / ${float(tail):g} out per 1M"
+        except ValueError:
+            pass  # a provider-prefixed model name such as openai/gpt-4o
     from decoding.litellm_backend import cost_map_prices
 
-    tier, model = spec.split("=", 1)
-    prices = cost_map_prices(model)
+    prices = cost_map_prices(value)
     if prices is None:
-        return f"--reprice: {model!r} is not in LiteLLM's cost map"
-    records = reprice([record_from_dict(r) for r in report["records"]], tier, *prices)
-    if records is None:
-        return "--reprice: these records carry no per-attempt token counts"
+        return f"{value!r} is neither IN/OUT prices nor in LiteLLM's cost map"
+    return prices[0], prices[1], f"{value} (${prices[0]:g} in / ${prices[1]:g} out per 1M)"
+
+
+def repriced_table(report: dict[str, Any], spec: str) -> str:
+    """The policy table again with each ``TIER=PRICE`` tier's attempts priced per token (PRICE:
+    a model in LiteLLM's cost map, or IN/OUT $ per 1M tokens; comma-separated for several)."""
+    records: list[ItemRecord] | None = [record_from_dict(r) for r in report["records"]]
+    labels = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        tier, _, price = part.partition("=")
+        parsed = parse_price(price)
+        if isinstance(parsed, str):
+            return f"--reprice: {parsed}"
+        price_in, price_out, label = parsed
+        assert records is not None
+        records = reprice(records, tier, price_in, price_out)
+        if records is None:
+            return "--reprice: these records carry no per-attempt token counts"
+        labels.append(f"tier {tier} at {label}")
+    assert records is not None
     summaries = [summarize(records, p) for p in report["policies"]]
-    title = f"As if tier {tier} were {model} (${prices[0]:g} in / ${prices[1]:g} out per 1M)"
-    return f"{title}\n\n{render_table(summaries, report['categories'])}"
+    return f"Repriced: {'; '.join(labels)}\n\n{render_table(summaries, report['categories'])}"
 
 
 def item_index(item_id: str) -> int:

@@ -715,13 +715,20 @@ def test_report_only_reprints_a_saved_run_with_a_hosted_price(
     out = capsys.readouterr().out
     assert "run r9" in out
     assert "| llm | 1 | 100.0% | 0.25 |" in out  # measured
-    assert "As if tier llm were gpt-4o ($2.5 in / $10 out per 1M)" in out
+    assert "Repriced: tier llm at gpt-4o ($2.5 in / $10 out per 1M)" in out
     assert "| llm | 1 | 100.0% | 2.5 |" in out  # 1M prompt tokens at $2.5
     assert json.loads(path.read_text()) == saved  # a report is never rewritten
     with pytest.raises(SystemExit):
         be.parse_args(["--report-only", "--json", str(tmp_path / "missing.json")])
     with pytest.raises(SystemExit):
         be.parse_args(["--report-only", "--json", str(path), "--reprice", "gpt-4o"])
+    # explicit prices, several tiers at once
+    assert be.main(["--report-only", "--json", str(path), "--reprice", "llm=0.5/1,slm=1/2"]) == 0
+    out = capsys.readouterr().out
+    assert "Repriced: tier llm at $0.5 in / $1 out per 1M; tier slm at $1 in / $2 out" in out
+    assert "| llm | 1 | 100.0% | 0.5 |" in out
+    assert be.main(["--report-only", "--json", str(path), "--reprice", "llm=nope-model"]) == 0
+    assert "--reprice: 'nope-model' is neither" in capsys.readouterr().out
 
 
 def test_stream_table_by_position_with_memory_shown() -> None:
