@@ -19,7 +19,7 @@ from decoding.validate import OutputCheck, check_output
 from router.answer import Trace, executable_of, schema_valid_of
 from router.confidence import CollapseWatch, combined_signals, signals_of
 from router.cost import attempt_cost, compute_priced
-from router.deferral import answer_features, is_masked, kind_of
+from router.deferral import Kind, answer_features, is_masked, kind_of
 from router.energy import EnergyMeter, EnergyToken
 from router.records import AttemptOutcome, AttemptRecord
 from router.route import Route
@@ -111,6 +111,12 @@ class Attempt:
     threshold: float = 0.0  # escalate when confidence < threshold (the route's, or its rule's)
     record: AttemptRecord | None = None  # its ledger row, once booked
     meter: EnergyToken | None = None
+    # It re-decodes a tool request as text (the abstention the probe found): deferral judges it
+    # as a tool answer that called nothing, not as free text.
+    abstention: bool = False
+
+    def deferral_kind(self, req: GenerationRequest) -> Kind:
+        return "tools" if self.abstention else kind_of(req.constraint)
 
     @property
     def info(self) -> BackendInfo:
@@ -187,7 +193,7 @@ class Attempt:
         per_choice = self.features(req)
         if per_choice:
             self.signals.update(per_choice[0])
-        rule, kind = self.route.deferral, kind_of(req.constraint)
+        rule, kind = self.route.deferral, self.deferral_kind(req)
         if rule is not None and per_choice and rule.covers(kind):
             # The least likely choice decides (n > 1); a rule replaces the single signal.
             self.confidence = min(rule.p_success(kind, f) or 0.0 for f in per_choice)
@@ -206,7 +212,7 @@ class Attempt:
                     choice.events, masked=masked, valid=check.valid,
                     call_arguments=[json.loads(c.arguments) for c in calls] or None,
                     messages=req.messages,
-                    tools_offered=kind_of(req.constraint) == "tools",
+                    tools_offered=self.deferral_kind(req) == "tools",
                 )
             )  # fmt: skip
         return out

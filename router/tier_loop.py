@@ -204,14 +204,17 @@ async def run_tiers(
     policy = invalid_policy(req.constraint, req.on_invalid, route.on_invalid)
     samples = 0  # finished outputs of the last tier that broke their schema
     resampled: dict[int, GenerationRequest] = {}
+    abstaining: set[int] = set()  # tiers re-decoding a tool request as text (router.abstain)
     queue = [(tier, tier == plan.last) for tier in range(plan.start, plan.last + 1)]
-    for tier, final in queue:  # grows when a tier resamples, escalates or reruns (below)
+    # grows when a tier resamples, escalates or reruns (below)
+    for position, (tier, final) in enumerate(queue):
         # A resampled (or abstaining) tier is prepared again: its request differs from the one
         # the plan prepared (seed and temperature, or the constraint), and engines decode the
         # prepared request.
         fresh = tier in resampled or tier not in plan.prepared
         att = Attempt(route, backends[tier], trace, final, energy,
                       None if fresh else plan.prepared[tier])  # fmt: skip
+        att.abstention = tier in abstaining
         req = resampled.get(tier) or plan.requests.get(tier, caller_req)
         # Tool calls are sent whole anyway (``Router.streams_tokens``): held, they can still be
         # probed and resampled; JSON is held when its validity is promised but not enforced.
@@ -265,7 +268,8 @@ async def run_tiers(
             ):  # the model meant a tool nobody offered: it answers in text instead
                 att.book("resampled", req, reason="unoffered_tool")
                 resampled[tier] = text_only(req)
-                queue.append((tier, final))
+                abstaining.add(tier)
+                queue.insert(position + 1, (tier, final))  # now, before any later tier
                 continue
             if step == "accept" and invalid_at_end(att, checked):
                 samples += 1
@@ -273,6 +277,7 @@ async def run_tiers(
                     att.book("resampled", req, reason="invalid")
                     base = plan.requests.get(tier, caller_req)
                     resampled[tier] = resample_request(base, samples)
+                    abstaining.discard(tier)  # the caller's request again, sampled anew
                     queue.append((tier, final))  # the same tier: no fallback reason
                     continue
                 if policy == "escalate" and tier + 1 < len(backends):

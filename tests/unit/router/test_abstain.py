@@ -4,9 +4,12 @@ parts, and the tier loop with a scripted backend."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import AsyncIterator
 from typing import Any
+
+import pytest
 
 from decoding.backend import BackendInfo, FinishEvent
 from decoding.constraint import NoConstraint, ToolCalls, ToolSpec
@@ -19,6 +22,7 @@ from router.abstain import (
     wanted_name,
     wants_unoffered,
 )
+from router.deferral import DeferralRule, LogisticModel
 from router.router import Route, Router, Trace
 
 WEATHER = ToolSpec("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}})
@@ -165,3 +169,27 @@ async def test_a_streamed_call_is_probed_too() -> None:
     events = [e async for e in router.stream(plan, req, trace)]
     assert "".join(e.text for e in events if isinstance(e, TokenEvent)) == backend.text
     assert [a.outcome for a in trace.attempts] == ["probe", "resampled", "accepted"]
+
+
+async def test_an_abstention_is_judged_by_the_tools_rule_not_as_free_text() -> None:
+    """On a cascade, the text a tier writes after its probe is its answer to a tool request: the
+    rule for tool calls judges it (here: an abstention is likely right, so it is kept), not the
+    route's free-text signal (mean probability 0.9 under a 0.95 bar would escalate it)."""
+    slm, llm = Continuable("calc_area"), Continuable("calc_area")
+    slm.info = dataclasses.replace(slm.info, name="slm", tier="slm")
+    # P(success) 0.73 for a call (kept), 0.999 for an abstention
+    abstaining_is_right = LogisticModel(("abstained",), (0.5,), (0.5,), (3.0,), 4.0, (0.0,),
+                                        (1.0,), threshold=0.5)  # fmt: skip
+    route = Route("auto", ("slm", "llm"), policy="cascade", signal="mean_prob", threshold=0.95,
+                  deferral=DeferralRule({"tools": abstaining_is_right}))  # fmt: skip
+    router = Router({"slm": slm, "llm": llm}, {})
+    req = request()
+    trace = Trace(req.request_id, route.name)
+    answer = await router.complete(router.plan(route, req, trace), req, trace)
+    assert answer.backend.name == "slm"
+    assert answer.result.choices[0].text == slm.text
+    assert [(a.backend, a.outcome) for a in trace.attempts] == [
+        ("slm", "probe"), ("slm", "resampled"), ("slm", "accepted")]  # fmt: skip
+    assert answer.signals["abstained"] == 1.0
+    assert answer.confidence == pytest.approx(1 / (1 + math.exp(-7.0)))
+    assert llm.seen == []  # never reached
