@@ -45,6 +45,8 @@ def rss_mib() -> float:
 
 def measure(source: str, max_tokens: int, repeats: int, dtype: str) -> dict[str, Any]:
     """Load ``source`` and time greedy answers; runs in the child process."""
+    import torch
+
     from decoding.models import ModelSpec, load_engine
     from decoding.types import GenerationRequest, SamplingParams, TokenEvent
 
@@ -82,7 +84,7 @@ def measure(source: str, max_tokens: int, repeats: int, dtype: str) -> dict[str,
         "ttft_s": ttft,
         "prefill_tok_s": runs[0][3] / ttft,
         "decode_tok_s": statistics.median((r[2] - 1) / r[1] for r in runs),
-        "threads": __import__("torch").get_num_threads(),
+        "threads": torch.get_num_threads(),
     }
 
 

@@ -7,7 +7,10 @@ import logging
 import sys
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from router.deferral import DeferralRule
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -88,6 +91,14 @@ def _load_labels(path: str) -> list[dict[str, object]]:
     return rows
 
 
+def _labelled(row: dict[str, object]) -> tuple[str, dict[str, float], bool]:
+    """One labels-file row as (kind, signals, success)."""
+    signals = row.get("signals") or {}
+    assert isinstance(signals, dict)
+    kind = str(row.get("kind", "tools"))
+    return kind, {k: float(v) for k, v in signals.items()}, bool(row["success"])
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     """Thresholds from labelled SLM answers (an eval's --labels file or the ledger's reported
     task outcomes), printed as a table and as the route settings to paste into the config."""
@@ -101,11 +112,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     kinds: list[str] = []
     if args.labels:
         for row in _load_labels(args.labels):
-            ok = bool(row["success"])
-            signals = row.get("signals") or {}
-            assert isinstance(signals, dict)
-            labelled.append(({k: float(v) for k, v in signals.items()}, ok))
-            kinds.append(str(row.get("kind", "tools")))
+            kind, values, ok = _labelled(row)
+            labelled.append((values, ok))
+            kinds.append(kind)
             feats = row.get("features")
             if isinstance(feats, dict):
                 features.append(({k: float(v) for k, v in feats.items()}, ok))
@@ -176,18 +185,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_holdout(rule: Any, path: str) -> dict[str, Any]:
+def _print_holdout(rule: DeferralRule, path: str) -> dict[str, Any]:
     """The fitted rule scored on held-out labels, next to every single signal."""
     from router.confidence import SIGNALS
     from router.deferral import KINDS, holdout_report
 
-    rows = []
-    for row in _load_labels(path):
-        kind, signals = str(row.get("kind", "tools")), row.get("signals") or {}
-        assert isinstance(signals, dict)
-        if kind in KINDS:
-            rows.append((kind, {k: float(v) for k, v in signals.items()}, bool(row["success"])))
-    report = holdout_report(rule, rows, SIGNALS)
+    rows = [labelled for row in _load_labels(path) if (labelled := _labelled(row))[0] in KINDS]
+    report = holdout_report(rule, rows, SIGNALS)  # type: ignore[arg-type]  # kinds checked
     for kind, r in report.items():
         if "rule_auroc" in r:
             auc = "-" if r["rule_auroc"] is None else f"{r['rule_auroc']:.3f}"

@@ -66,13 +66,13 @@ class ComputeRate:
             b = (self.cy * self.pp - self.py * self.pc) / det
             if a >= 0 and b >= 0:
                 return a, b
-        only_prompt = (self.py / self.pp, 0.0) if self.pp > 0 else (0.0, 0.0)
-        only_completion = (0.0, self.cy / self.cc) if self.cc > 0 else (0.0, 0.0)
-        # The residual of a one-rate fit shrinks by (sum x*y)^2 / sum x^2: keep the larger.
+        # One-rate fits (costs are >= 0, so their rates are too); the residual of each shrinks
+        # by (sum x*y)^2 / sum x^2: keep the fit that shrinks it more.
         gain_p = self.py * self.py / self.pp if self.pp > 0 else 0.0
         gain_c = self.cy * self.cy / self.cc if self.cc > 0 else 0.0
-        a, b = only_prompt if gain_p >= gain_c else only_completion
-        return max(a, 0.0), max(b, 0.0)
+        if gain_p >= gain_c:
+            return (self.py / self.pp if self.pp > 0 else 0.0), 0.0
+        return 0.0, self.cy / self.cc
 
     def estimate(self, prompt_tokens: int, completion_tokens: int) -> float | None:
         """The estimated cost of a request of these sizes; None before enough observations."""

@@ -343,9 +343,8 @@ def answer_of(
     rate = None if rates is None else rates.get(top.info.name)
     known = counterfactual_cost(top.info, result.prompt_tokens, result.completion_tokens, own, rate)
     counterfactual = cost if known is None else known
-    answer = Answer(
+    return Answer(
         result, att.checks, att.info, att.route.name, cost, counterfactual,
         att.confidence, att.signals, reason, trace.attempts,
+        counterfactual_estimated=known is not None and own is None and compute_priced(top.info),
     )  # fmt: skip
-    answer.counterfactual_estimated = known is not None and own is None and compute_priced(top.info)
-    return answer
