@@ -80,13 +80,20 @@ def load_gguf_source(
     source: GGUFSource, dtype: str, device: str, cache_dir: Path | None = None
 ) -> LoadedModel:
     """Load a packaged GGUF model, converting it into the cache on first use."""
+    gguf, converted = converted_dir(source, cache_dir)
+    model, tokenizer = _from_dir(converted, _dtype(dtype), device)
+    return LoadedModel(model, tokenizer, f"{gguf} (cached as {converted})")
+
+
+def converted_dir(source: GGUFSource, cache_dir: Path | None = None) -> tuple[Path, Path]:
+    """(the assembled GGUF, its Hugging Face directory in the cache), converting it on first
+    use: the directory a vLLM server launched for a built-in model is given."""
     cache = cache_dir or default_cache_dir()
     gguf = assemble_gguf(source, cache / "gguf")
     converted = cache / "models" / source.sha256
     if not (converted / "config.json").is_file():
         convert_gguf(gguf, converted)
-    model, tokenizer = _from_dir(converted, _dtype(dtype), device)
-    return LoadedModel(model, tokenizer, f"{gguf} (cached as {converted})")
+    return gguf, converted
 
 
 def load_model_dir(path: Path, dtype: str, device: str) -> LoadedModel:

@@ -3,10 +3,14 @@ which remote server or hosted model serves a tier; ``build_backend`` turns a spe
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -16,11 +20,20 @@ from decoding.engine import EmbeddedEngine, EngineConfig
 from decoding.engine_choice import parse_grammar_engine
 from decoding.grammar_compile import GrammarLimits
 from decoding.grammar_state import GRAMMAR_ENGINES
-from decoding.loader import LoadedModel, default_cache_dir, load_gguf_source, load_model_dir
+from decoding.loader import (
+    LoadedModel,
+    converted_dir,
+    default_cache_dir,
+    load_gguf_source,
+    load_model_dir,
+)
 from decoding.openai_compat import OpenAICompatBackend, RemoteConfig
 from decoding.resilience import RetryPolicy
 from decoding.scheduler import SchedulerConfig
+from decoding.vllm_backend import VllmBackend
+from decoding.vllm_launch import LaunchSpec, VllmSupervisor
 from decoding.weights import QWEN25_CODER_05B, QWEN25_CODER_15B, SMOLLM2_135M, GGUFSource
+from schemas.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +51,8 @@ BUILTIN_SOURCES: dict[str, GGUFSource] = {
 DEFAULT_PRICE_PER_CORE_HOUR = 0.0504
 DEFAULT_PRICE_PER_GPU_HOUR = 3.00
 
-ModelKind = Literal["embedded", "openai", "litellm"]
+ModelKind = Literal["embedded", "openai", "litellm", "vllm"]
+REMOTE_KINDS = ("openai", "litellm", "vllm")
 _REMOTE_ONLY = ("base_url", "remote_model", "api_key_env")
 
 
@@ -55,6 +69,15 @@ class ModelSpec:
         ``base_url`` (with ``/v1``) and ``remote_model`` (the model id on that server).
       - ``litellm``: a hosted model through LiteLLM: ``remote_model`` is LiteLLM's model
         string (``gpt-4o-mini``, ``anthropic/…``); ``base_url`` is optional (``api_base``).
+      - ``vllm``: a vLLM server, reached at ``base_url`` or started and supervised by the
+        gateway from ``launch`` (a ``decoding.vllm_launch.LaunchSpec``: ``model`` directory or
+        ``builtin:`` name, ``python`` of vLLM's environment, ``port``, ``args``, …);
+        ``remote_model`` defaults to the launched model's name. ``speculative_config`` (vLLM's
+        own, e.g. ``{method: suffix, num_speculative_tokens: 8}``) is passed to a launched
+        server and turns on per-request acceptance counts. Without per-token prices it is
+        priced by the hour: ``price_per_gpu_hour`` (default ``DEFAULT_PRICE_PER_GPU_HOUR``), or
+        on ``device: cpu`` (a launched server on a machine without CUDA) the machine's cores x
+        ``price_per_core_hour``, times each attempt's share of the server's busy time.
 
     Remote kinds leave ``source`` empty and use ``api_key_env`` (the *name* of the variable
     holding the key), ``timeout_s`` per attempt, ``max_retries`` for retryable errors,
@@ -111,6 +134,20 @@ class ModelSpec:
     kv_cache_mb: int = 1024
     max_batch_tokens: int = 256
     max_running: int = 16
+    launch: LaunchSpec | None = None  # vllm: start and supervise the server
+    speculative_config: Mapping[str, Any] | None = None  # vllm: its own speculative decoding
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ModelSpec:
+        """A spec from a config file's mapping (``launch`` given as a mapping too)."""
+        fields = dict(data)
+        launch = fields.get("launch")
+        if isinstance(launch, Mapping):
+            launch = dict(launch)
+            if "args" in launch:
+                launch["args"] = tuple(str(a) for a in launch["args"])
+            fields["launch"] = LaunchSpec(**launch)
+        return cls(**fields)
 
     def __post_init__(self) -> None:
         prices = (
@@ -122,20 +159,39 @@ class ModelSpec:
                 raise ValueError(f"model {self.name!r}: prices must be >= 0")
         if self.kind == "embedded":
             self._check_embedded()
-        elif self.kind in ("openai", "litellm"):
+        elif self.kind in REMOTE_KINDS:
             self._check_remote()
         else:
-            raise ValueError(f"model {self.name!r}: kind must be embedded, openai or litellm")
+            raise ValueError(
+                f"model {self.name!r}: kind must be embedded, openai, litellm or vllm"
+            )
 
     def _check_remote(self) -> None:
         if self.source:
             raise ValueError(f"model {self.name!r}: 'source' is for embedded models only")
-        if self.price_per_core_hour is not None or self.price_per_gpu_hour is not None:
+        hourly = self.price_per_core_hour is not None or self.price_per_gpu_hour is not None
+        if hourly and self.kind != "vllm":
             raise ValueError(  # a remote server reports no compute: price it per token
                 f"model {self.name!r}: price_per_core_hour/price_per_gpu_hour are for embedded "
-                "models; set price_in_per_mtok/price_out_per_mtok"
+                "and vllm models; set price_in_per_mtok/price_out_per_mtok"
             )
-        if not self.remote_model:
+        if (self.launch is not None or self.speculative_config is not None) and (
+            self.kind != "vllm"
+        ):
+            raise ValueError(f"model {self.name!r}: launch/speculative_config need kind vllm")
+        if self.kind == "vllm":
+            if (self.launch is None) == (self.base_url is None):
+                raise ValueError(f"model {self.name!r}: kind vllm needs base_url or launch")
+            model = "" if self.launch is None else self.launch.model
+            if model.startswith("builtin:") and model not in BUILTIN_SOURCES:
+                raise ValueError(f"unknown builtin model {model!r}")
+            if model and not model.startswith("builtin:") and not Path(model).is_dir():
+                raise ValueError(f"model {self.name!r}: launch.model {model!r} is neither "
+                                 "builtin:… nor a directory")  # fmt: skip
+            method = (self.speculative_config or {}).get("method", "ngram")
+            if self.speculative_config is not None and not isinstance(method, str):
+                raise ValueError(f"model {self.name!r}: speculative_config.method is a string")
+        elif not self.remote_model:
             raise ValueError(f"model {self.name!r}: kind {self.kind} needs remote_model")
         if self.kind == "openai" and not self.base_url:
             raise ValueError(f"model {self.name!r}: kind openai needs base_url")
@@ -150,8 +206,11 @@ class ModelSpec:
         set_remote = [f for f in _REMOTE_ONLY if getattr(self, f) is not None]
         if set_remote:
             raise ValueError(
-                f"model {self.name!r}: {', '.join(set_remote)} need kind openai or litellm"
+                f"model {self.name!r}: {', '.join(set_remote)} need a remote kind "
+                "(openai, litellm or vllm)"
             )
+        if self.launch is not None or self.speculative_config is not None:
+            raise ValueError(f"model {self.name!r}: launch/speculative_config need kind vllm")
         if not self.source:
             raise ValueError(f"model {self.name!r}: embedded models need a source")
         if self.prefix_cache_tokens < 0:
@@ -186,9 +245,10 @@ class ModelSpec:
         return self.price_in_per_mtok is not None or self.price_out_per_mtok is not None
 
     def compute_price_per_hour(self, device: str, cores: int) -> float | None:
-        """$ per hour of the compute an embedded model holds while it decodes: ``cores`` x
-        the core-hour price on CPU, one GPU-hour on CUDA; None when priced per token."""
-        if self.kind != "embedded" or self.token_priced:
+        """$ per hour of the compute an embedded model (or a vLLM server) holds while it
+        decodes: ``cores`` x the core-hour price on CPU, one GPU-hour on CUDA; None when
+        priced per token."""
+        if self.kind not in ("embedded", "vllm") or self.token_priced:
             return None
         if device.startswith("cuda"):
             gpu = self.price_per_gpu_hour
@@ -197,12 +257,26 @@ class ModelSpec:
         return cores * (DEFAULT_PRICE_PER_CORE_HOUR if core is None else core)
 
     def resolved_device(self) -> str:
+        """Where the model runs. A vLLM server reached by URL is taken to be on a GPU (that
+        is what vLLM servers are for); a launched one runs on this machine's hardware."""
         if self.device != "auto":
             return self.device
+        if self.kind == "vllm" and self.launch is None:
+            return "cuda"
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def resolved_dtype(self) -> str:
         return "bfloat16" if self.dtype == "auto" else self.dtype
+
+    def served_model_name(self) -> str:
+        """The model id on a vLLM server: ``remote_model``, else the launched model's name."""
+        if self.remote_model:
+            return self.remote_model
+        assert self.launch is not None  # checked by ModelSpec
+        model = self.launch.model
+        return model.removeprefix("builtin:") if model.startswith("builtin:") else Path(
+            model
+        ).resolve().name
 
     def model_name(self) -> str:
         """What the weights are called in API output: the built-in's name or the model
@@ -274,10 +348,9 @@ def load_engine(
 
 def remote_config(spec: ModelSpec) -> RemoteConfig:
     """The remote backends' config for a remote ``spec``."""
-    assert spec.remote_model is not None  # checked by ModelSpec
     return RemoteConfig(
         name=spec.name,
-        model=spec.remote_model,
+        model=spec.served_model_name(),
         base_url=spec.base_url,
         tier=spec.tier,
         api_key_env=spec.api_key_env,
@@ -310,4 +383,58 @@ def build_backend(
         from decoding.litellm_backend import LiteLLMBackend  # optional dependency
 
         return LiteLLMBackend(remote_config(spec))
+    if spec.kind == "vllm":
+        return build_vllm_backend(spec, cache_dir)
     return load_engine(spec, cache_dir, warmup, grammar_limits, max_prompt_tokens)
+
+
+def launch_defaults(spec: ModelSpec) -> tuple[str, ...]:
+    """Engine arguments a launched vLLM gets before the configured ``launch.args`` (which win
+    where they repeat one): what the router needs from it."""
+    assert spec.launch is not None
+    given = set(spec.launch.args)
+    # usage.prompt_tokens_details.cached_tokens is only reported with this flag
+    out: tuple[str, ...] = ("--enable-prompt-tokens-details",)
+    if "--tool-call-parser" not in given:  # tools with tool_choice; Qwen2.5 writes hermes calls
+        out += ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+    if spec.speculative_config is not None and "--speculative-config" not in given:
+        out += ("--speculative-config", json.dumps(dict(spec.speculative_config)))
+    if spec.resolved_device() == "cpu" and "--gpu-memory-utilization" not in given:
+        # vLLM-CPU reserves this share of the machine's memory for itself (0.92 by default,
+        # which fails beside anything else); a quarter holds the built-ins' caches with room.
+        out += ("--gpu-memory-utilization", "0.25")
+    return out
+
+
+def build_vllm_backend(spec: ModelSpec, cache_dir: Path | None = None) -> VllmBackend:
+    """The client of a ``kind: vllm`` tier; with ``launch``, its server is started first and
+    this returns once the server answers ``/health`` (``ModelLoadError`` if it does not within
+    ``launch.startup_timeout_s``; the server's log file is named)."""
+    served = spec.served_model_name()
+    supervisor = None
+    if spec.launch is not None:
+        model_dir = spec.launch.model
+        if model_dir.startswith("builtin:"):
+            model_dir = str(converted_dir(BUILTIN_SOURCES[model_dir], cache_dir)[1])
+        launch = dataclasses.replace(
+            spec.launch, args=launch_defaults(spec) + spec.launch.args
+        )
+        supervisor = VllmSupervisor(spec.name, launch, model_dir, served)
+        supervisor.start()
+        if not supervisor.wait_ready():
+            supervisor.stop()
+            raise ModelLoadError(
+                f"model {spec.name!r}: the vLLM server did not answer /health within "
+                f"{launch.startup_timeout_s:g} s (log: {supervisor.log_file})"
+            )
+    method = None
+    if spec.speculative_config is not None:
+        method = str(spec.speculative_config.get("method", "ngram"))
+    return VllmBackend(
+        remote_config(spec),
+        supervisor=supervisor,
+        compute_price_per_hour=spec.compute_price_per_hour(
+            spec.resolved_device(), os.cpu_count() or 1
+        ),
+        speculative_method=method,
+    )

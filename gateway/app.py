@@ -133,12 +133,15 @@ def create_app(
             body: dict[str, Any] = {"status": "ready", "models": sorted(gw.router.backends)}
             if gw.shadows is not None:  # shadow answers: submitted, dropped, agreed, ...
                 body["shadow"] = dict(gw.shadows.counts)
+            if servers := gw.servers():  # launched vLLM servers: state, pid, restarts
+                body["servers"] = servers
             return JSONResponse(body)
         status = "failed" if gw.load_error else "loading"
         return JSONResponse({"status": status, "error": gw.load_error}, 503)
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request) -> Response:
+        gw.servers()  # refreshes the launched servers' state gauges
         body, content_type = gw.metrics.render()
         return Response(body, media_type=content_type)
 

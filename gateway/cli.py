@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from decoding.models import ModelSpec
     from router.deferral import DeferralRule
 
 
@@ -45,7 +46,14 @@ def _models(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     cache = default_cache_dir() if config.cache_dir is None else Path(config.cache_dir)
+    servers = _gateway_servers(args.url) if args.url else {}
     for m in config.models:
+        if m.kind == "vllm":
+            print(f"{m.name:8s} tier={m.tier:4s} vllm {_vllm_state(m, servers.get(m.name))}")
+            continue
+        if m.kind != "embedded":
+            print(f"{m.name:8s} tier={m.tier:4s} {m.kind} {m.remote_model} at {m.base_url or '-'}")
+            continue
         source = BUILTIN_SOURCES.get(m.source)
         cached = source is not None and (cache / "models" / source.sha256 / "config.json").exists()
         state = "converted in cache" if cached else "not converted yet (first load ~30-90 s)"
@@ -56,6 +64,38 @@ def _models(args: argparse.Namespace) -> int:
     for r in config.routes:
         print(f"route {r.name}: {' -> '.join(r.tiers)} ({r.policy})")
     return 0
+
+
+def _gateway_servers(url: str) -> dict[str, dict[str, Any]]:
+    """The launched servers a running gateway reports on ``/readyz``."""
+    import httpx
+
+    try:
+        body = httpx.get(url.rstrip("/") + "/readyz", timeout=5).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        print(f"slmgate: cannot read {url}/readyz: {exc}", file=sys.stderr)
+        return {}
+    servers = body.get("servers") if isinstance(body, dict) else None
+    return servers if isinstance(servers, dict) else {}
+
+
+def _vllm_state(m: ModelSpec, server: dict[str, Any] | None) -> str:
+    """One line on a vLLM tier: a launched one's state as its gateway reports it, or whether
+    a server reached by URL answers its health check now."""
+    import httpx
+
+    if m.launch is not None:
+        where = f"launched from {m.launch.model} with {m.launch.interpreter()}"
+        if server is None:
+            return f"{where}  [state: ask a running gateway with --url]"
+        return (f"{where}  [{server.get('state')}, pid {server.get('pid')}, port "
+                f"{server.get('port')}, restarts {server.get('restarts')}]")  # fmt: skip
+    root = (m.base_url or "").rstrip("/").removesuffix("/v1")
+    try:
+        up = httpx.get(root + "/health", timeout=3).status_code == 200
+    except httpx.HTTPError:
+        up = False
+    return f"{m.served_model_name()} at {m.base_url}  [{'up' if up else 'down'}]"
 
 
 BENCHMARKS = {
@@ -231,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
 
     models = sub.add_parser("models", help="list configured models and routes")
     models.add_argument("--config", default=None)
+    models.add_argument(
+        "--url", default=None, help="a running gateway: show the state of servers it launched"
+    )
     models.set_defaults(func=_models)
 
     bench = sub.add_parser("bench", help=f"run a benchmark: {', '.join(BENCHMARKS)}")

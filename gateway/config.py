@@ -168,7 +168,7 @@ def from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
         k: data[k] for k in ("host", "port", "cache_dir", "ledger_url") if k in data
     }
     if "models" in data:
-        kwargs["models"] = tuple(ModelSpec(**m) for m in data["models"])
+        kwargs["models"] = tuple(ModelSpec.from_mapping(m) for m in data["models"])
     if "routes" in data:
         kwargs["routes"] = tuple(route_from_mapping(r) for r in data["routes"])
     elif "models" in data:

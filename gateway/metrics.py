@@ -22,6 +22,7 @@ from router.records import RequestRecord
 #: prometheus_client ≥ 0.22 advertises 1.0.0, which Prometheus 2.x does not recognise.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER_STATES = ("closed", "open", "half_open")
+SERVER_STATES = ("starting", "ready", "unhealthy", "restarting", "stopped")  # vllm_launch
 #: Why the ledger dropped records: refused on arrival, or given up by its writer.
 LEDGER_DROP_REASONS = (QUEUE_FULL, WRITE_FAILED)
 NO_TIER = "none"  # label for requests no tier answered (errors before or during every attempt)
@@ -88,6 +89,13 @@ class GatewayMetrics:
         self.breaker = Gauge("breaker_state", "Circuit breaker state per backend: 1 for the "
                              "current state, 0 for the others.", ["backend", "state"],
                              namespace=ns, registry=r)  # fmt: skip
+        self.server_state = Gauge("server_state", "State of each server the gateway launched "
+                                  "(kind vllm with launch): 1 for the current state, 0 for the "
+                                  "others.", ["backend", "state"], namespace=ns,
+                                  registry=r)  # fmt: skip
+        self.server_restarts = Gauge("server_restarts", "Times the gateway restarted each "
+                                     "server it launched.", ["backend"], namespace=ns,
+                                     registry=r)  # fmt: skip
         self.ledger_failures = Counter("ledger_write_failures", "Failed ledger writes (the "
                                        "ledger's on_failure calls).", namespace=ns,
                                        registry=r)  # fmt: skip
@@ -144,6 +152,11 @@ class GatewayMetrics:
             raise ValueError(f"unknown breaker state {state!r}; expected one of {BREAKER_STATES}")
         for name in BREAKER_STATES:
             self.breaker.labels(backend, name).set(1 if name == state else 0)
+
+    def set_server_status(self, backend: str, state: str, restarts: int) -> None:
+        for name in SERVER_STATES:
+            self.server_state.labels(backend, name).set(1 if name == state else 0)
+        self.server_restarts.labels(backend).set(restarts)
 
     def ledger_write_failure(self, exc: BaseException | None = None) -> None:
         """Count one failed ledger write; fits ``Ledger(on_failure=...)`` as is."""

@@ -10,10 +10,12 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from decoding.backend import Backend
 from decoding.types import GenerationRequest
 from gateway.config import GatewayConfig
 from gateway.guard import KeySlots, bearer_key
@@ -71,11 +73,17 @@ class Gateway:
                 cache_bytes=limits.grammar_cache_bytes,
                 max_schema_depth=limits.max_json_depth,
             )
-            backends = {
-                m.name: build_backend(m, cache, grammar_limits=grammar,
-                                      max_prompt_tokens=limits.max_prompt_tokens)
-                for m in self.config.models
-            }  # fmt: skip
+            backends: dict[str, Backend] = {}
+            try:
+                for m in self.config.models:
+                    backends[m.name] = build_backend(
+                        m, cache, grammar_limits=grammar, max_prompt_tokens=limits.max_prompt_tokens
+                    )
+            except BaseException:
+                for built in backends.values():  # a launched server must not outlive the load
+                    if (close := getattr(built, "close", None)) is not None:
+                        close()
+                raise
             routes = {r.name: r for r in self.config.routes}
             router = Router(backends, routes, EnergyMeter())
             self.attach_memory(router)
@@ -144,6 +152,23 @@ class Gateway:
                     self.metrics.set_breaker_state(name, breaker.state)
         except Exception:
             log.exception("could not build the ledger record for %s", trace.request_id)
+
+    def servers(self) -> dict[str, dict[str, Any]]:
+        """The servers the gateway launched (``kind: vllm`` with ``launch``), by backend, and
+        their state in ``/metrics``: what ``/readyz`` and ``slmgate models --url`` show."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, backend in (self.router.backends if self.router else {}).items():
+            supervisor = getattr(backend, "supervisor", None)
+            if supervisor is None:
+                continue
+            status = supervisor.status()
+            self.metrics.set_server_status(name, status.state.value, status.restarts)
+            out[name] = {
+                "state": status.state.value, "pid": status.pid, "port": status.port,
+                "restarts": status.restarts, "last_exit": status.last_exit,
+                "log_file": status.log_file,
+            }  # fmt: skip
+        return out
 
     def shadow_runner(self) -> ShadowRunner:
         """The background runner of shadow answers (``policy: shadow``), made on first use."""
