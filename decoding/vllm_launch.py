@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import enum
+import http.client
 import logging
 import os
 import signal
@@ -25,8 +26,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx
 
 log = logging.getLogger(__name__)
 
@@ -218,49 +217,54 @@ class VllmSupervisor:
 
     def _watch(self) -> None:
         started = healthy_since = unhealthy_since = time.monotonic()
-        with httpx.Client(timeout=2.0) as http:
-            while not self._stop.wait(self.poll_s):
-                proc = self._proc
-                alive = proc is not None and proc.poll() is None
-                healthy = alive and self._healthy(http)
-                now = time.monotonic()
-                if healthy:
-                    unhealthy_since = now
-                elif self.state is ServerState.READY:
-                    unhealthy_since = now  # the first failed check after being ready
-                action = next_action(self.state, alive, healthy, now - unhealthy_since, self.spec)
-                if action is Action.MARK_READY:
-                    healthy_since = now
-                    self._set_state(ServerState.READY)
-                elif action is Action.MARK_UNHEALTHY:
-                    log.warning("vLLM %s: health check failing", self.name)
-                    self._set_state(ServerState.UNHEALTHY)
-                elif action is Action.KILL:
-                    log.error("vLLM %s: unhealthy for %.0f s; killing it", self.name,
-                              now - unhealthy_since)  # fmt: skip
-                    self._terminate(grace_s=0.0)
-                    action = Action.RESTART
-                if action is Action.RESTART:
-                    if self.state is ServerState.READY and now - healthy_since >= (
-                        self.spec.stable_after_s
-                    ):
-                        self._failures = 0
-                    self._restart()
-                    started = unhealthy_since = time.monotonic()
-                elif self.state is ServerState.STARTING and (
-                    time.monotonic() - started > self.spec.startup_timeout_s
-                ):
-                    log.error("vLLM %s: not healthy %.0f s after start; restarting", self.name,
-                              self.spec.startup_timeout_s)  # fmt: skip
-                    self._terminate(grace_s=5.0)
-                    self._restart()
-                    started = unhealthy_since = time.monotonic()
+        while not self._stop.wait(self.poll_s):
+            proc = self._proc
+            alive = proc is not None and proc.poll() is None
+            healthy = alive and self._healthy()
+            now = time.monotonic()
+            if healthy:
+                unhealthy_since = now
+            elif self.state is ServerState.READY:
+                unhealthy_since = now  # the first failed check after being ready
+            action = next_action(self.state, alive, healthy, now - unhealthy_since, self.spec)
+            if action is Action.MARK_READY:
+                healthy_since = now
+                self._set_state(ServerState.READY)
+            elif action is Action.MARK_UNHEALTHY:
+                log.warning("vLLM %s: health check failing", self.name)
+                self._set_state(ServerState.UNHEALTHY)
+            elif action is Action.KILL:
+                log.error("vLLM %s: unhealthy for %.0f s; killing it", self.name,
+                          now - unhealthy_since)  # fmt: skip
+                self._terminate(grace_s=0.0)
+                action = Action.RESTART
+            if action is Action.RESTART:
+                if self.state in (ServerState.READY, ServerState.UNHEALTHY):
+                    ready_until = now if self.state is ServerState.READY else unhealthy_since
+                    if ready_until - healthy_since >= self.spec.stable_after_s:
+                        self._failures = 0  # it ran well a while: not a crash loop
+                self._restart()
+                started = unhealthy_since = time.monotonic()
+            elif self.state is ServerState.STARTING and (
+                time.monotonic() - started > self.spec.startup_timeout_s
+            ):
+                log.error("vLLM %s: not healthy %.0f s after start; restarting", self.name,
+                          self.spec.startup_timeout_s)  # fmt: skip
+                self._terminate(grace_s=5.0)
+                self._restart()
+                started = unhealthy_since = time.monotonic()
 
-    def _healthy(self, http: httpx.Client) -> bool:
+    def _healthy(self) -> bool:
+        """``GET /health`` answered 200 within 2 s (plain http.client: a check every
+        ``poll_s`` is not worth a log line each, as httpx would write)."""
+        conn = http.client.HTTPConnection(self.spec.host, self.port, timeout=2.0)
         try:
-            return http.get(f"{self.base_url}/health").status_code == 200
-        except httpx.HTTPError:
+            conn.request("GET", "/health")
+            return conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
             return False
+        finally:
+            conn.close()
 
     def _restart(self) -> None:
         proc = self._proc

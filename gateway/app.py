@@ -199,7 +199,7 @@ def create_app(
         trace.mark_first_token()
         gw.record(trace, req, answer=answer)
         token_text = token_text_of(router, answer)
-        response = response_of(answer, wire.model, wire.logprobs, token_text)
+        response = response_of(answer, wire.model, wire.logprobs, token_text, req.request_id)
         return JSONResponse(response.to_wire(), headers=headers_of(answer))
 
     @app.post("/v1/tasks/{task_id}/outcome")

@@ -29,6 +29,11 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or config.host
     port = args.port or config.port
     for m in config.models:
+        if m.kind != "embedded":
+            where = m.base_url or (m.launch and f"launched from {m.launch.model}") or m.kind
+            logging.getLogger("slmgate").info("model %s (%s tier): %s %s", m.name, m.tier,
+                                              m.kind, where)  # fmt: skip
+            continue
         logging.getLogger("slmgate").info(
             "model %s (%s tier): %s, dtype %s, device %s", m.name, m.tier, m.source,
             m.resolved_dtype(), m.resolved_device(),
@@ -46,7 +51,8 @@ def _models(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     cache = default_cache_dir() if config.cache_dir is None else Path(config.cache_dir)
-    servers = _gateway_servers(args.url) if args.url else {}
+    key = config.api_keys[0] if config.api_keys else None
+    servers = _gateway_servers(args.url, key) if args.url else {}
     for m in config.models:
         if m.kind == "vllm":
             print(f"{m.name:8s} tier={m.tier:4s} vllm {_vllm_state(m, servers.get(m.name))}")
@@ -66,12 +72,14 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gateway_servers(url: str) -> dict[str, dict[str, Any]]:
-    """The launched servers a running gateway reports on ``/readyz``."""
+def _gateway_servers(url: str, key: str | None) -> dict[str, dict[str, Any]]:
+    """The launched servers a running gateway reports on ``/readyz`` (asked with the config's
+    first API key, as the gateway wants one)."""
     import httpx
 
+    headers = {"authorization": f"Bearer {key}"} if key else None
     try:
-        body = httpx.get(url.rstrip("/") + "/readyz", timeout=5).json()
+        body = httpx.get(url.rstrip("/") + "/readyz", headers=headers, timeout=5).json()
     except (httpx.HTTPError, ValueError) as exc:
         print(f"slmgate: cannot read {url}/readyz: {exc}", file=sys.stderr)
         return {}

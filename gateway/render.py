@@ -145,8 +145,9 @@ def headers_of(answer: Answer) -> dict[str, str]:
 
 
 def response_of(
-    answer: Answer, model: str, want_logprobs: bool, token_text: Any
+    answer: Answer, model: str, want_logprobs: bool, token_text: Any, request_id: str
 ) -> ChatCompletionResponse:
+    """The response body; its ``id`` is the request's ledger id (as a stream's chunks' is)."""
     choices = []
     for choice, check in zip(answer.result.choices, answer.checks, strict=True):
         message, reason = message_of(choice, check)
@@ -164,7 +165,7 @@ def response_of(
         prompt_tokens_details=PromptTokensDetails(cached_tokens=answer.result.cached_tokens),
     )
     return ChatCompletionResponse(
-        model=model, choices=choices, usage=usage, slmgate=slmgate_facts(answer)
+        id=request_id, model=model, choices=choices, usage=usage, slmgate=slmgate_facts(answer)
     )
 
 

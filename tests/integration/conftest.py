@@ -42,11 +42,14 @@ ROUTES = (
 
 
 @contextmanager
-def live_server(config_dir: Path, ledger_url: str) -> Iterator[str]:
-    """Run ``slmgate serve`` on a free port with the test config; yield its base URL."""
+def live_server(
+    config_dir: Path, ledger_url: str, models_and_routes: str = MODELS + ROUTES
+) -> Iterator[str]:
+    """Run ``slmgate serve`` on a free port with the test config (``models_and_routes``, the
+    shared SmolLM2 + 0.5B one by default); yield its base URL."""
     config = config_dir / "slmgate.yaml"
     config.write_text(
-        MODELS + ROUTES + f"api_keys: [{KEY}]\nlimits: {{max_body_bytes: 200000}}\n"
+        models_and_routes + f"api_keys: [{KEY}]\nlimits: {{max_body_bytes: 200000}}\n"
         f"ledger_url: '{ledger_url}'\n"
     )
     port = free_port()

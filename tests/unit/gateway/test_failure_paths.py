@@ -159,6 +159,8 @@ async def test_task_outcome_endpoint_validates_its_body(tmp_path: Path) -> None:
                                  "score": None, "recorded": True}  # fmt: skip
             task = await client.get("/v1/tasks/t1")
             assert task.json()["success"] is True, task.text
+            # the response's id is the ledger's id of the request (as a stream's chunks' is)
+            assert [r["request_id"] for r in task.json()["requests"]] == [done.json()["id"]]
             missing = await client.get("/v1/tasks/nope")
             assert missing.status_code == 404
             window = await client.get("/v1/stats", params={"window": "soon"})
