@@ -2,7 +2,8 @@
 gives or needs.
 
 - Optionally a server the gateway launches and supervises itself (``decoding.vllm_launch``);
-  the backend is ``ready`` only while that server answers its health check.
+  while that server is down (restarting, hung) attempts fail at once, so routes fall back
+  without waiting out a timeout.
 - vLLM's request extras (``top_k``, ``structured_outputs`` for regex) are always sent.
 - Cost by the hour, never $0: without per-token prices, each attempt is billed its share of the
   server's busy time (``decoding.share_clock``) x the configured GPU-hour (or core-hour) price.
@@ -31,6 +32,7 @@ from decoding.resilience import CircuitBreaker
 from decoding.share_clock import ShareClock
 from decoding.types import GenerationRequest, GenerationResult, SpecStats, TokenEvent
 from decoding.vllm_launch import ServerState, VllmSupervisor
+from schemas.errors import UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +135,26 @@ class VllmBackend(OpenAICompatBackend):
             price = compute_price_per_hour
             self.info = dataclasses.replace(self.info, compute_price_per_hour=price)
 
-    @property
-    def ready(self) -> bool:  # type: ignore[override]
-        """A launched server counts while it answers its health check."""
-        return self.supervisor is None or self.supervisor.state is ServerState.READY
+    async def _send(
+        self, body: dict[str, Any], extras: dict[str, Any], req: GenerationRequest
+    ) -> dict[str, Any]:
+        self._check_server()
+        return await super()._send(body, extras, req)
+
+    async def _open_stream(
+        self, body: dict[str, Any], extras: dict[str, Any], req: GenerationRequest
+    ) -> httpx.Response:
+        self._check_server()
+        return await super()._open_stream(body, extras, req)
+
+    def _check_server(self) -> None:
+        """A launched server that its supervisor sees down (restarting, hung) fails the attempt
+        at once, as a retryable upstream error the breaker counts, instead of a connection
+        refused or, for a hung server, a wait of ``timeout_s`` per attempt."""
+        if self.supervisor is not None and self.supervisor.state is not ServerState.READY:
+            raise UpstreamError(
+                f"backend {self.config.name}: its vLLM server is {self.supervisor.state.value}"
+            )
 
     @property
     def server_root(self) -> str:
@@ -194,8 +212,10 @@ class VllmBackend(OpenAICompatBackend):
         """The server's speculative counters, when this tier speculates (else no call)."""
         if self.speculative_method is None:
             return None
-        try:
-            response = await self._http().get(self.server_root + "/metrics")
+        if self.supervisor is not None and self.supervisor.state is not ServerState.READY:
+            return None
+        try:  # a short wait: the counts are worth less than the request's time
+            response = await self._http().get(self.server_root + "/metrics", timeout=2.0)
         except httpx.HTTPError:
             return None
         return parse_spec_counters(response.text) if response.status_code == 200 else None

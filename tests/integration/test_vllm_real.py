@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 VENV_PYTHON = os.environ.get("SLMGATE_VLLM_PYTHON", "")
 AUTH = {"authorization": f"Bearer {KEY}"}
-TIMEOUT_S = 20  # the vLLM tier's per-attempt timeout: a hung server costs this per attempt
+TIMEOUT_S = 45  # the vLLM tier's per-attempt timeout: a hung server costs this per attempt
 
 WEATHER = {
     "type": "function",
@@ -69,8 +69,8 @@ def config(python: str) -> str:
     models = [
         {
             "name": "v", "kind": "vllm", "tier": "slm", "device": "cpu", "launch": launch,
-            "timeout_s": TIMEOUT_S, "max_retries": 0, "breaker_failures": 2,
-            "breaker_reset_s": 3,
+            "timeout_s": TIMEOUT_S, "max_retries": 0, "breaker_failures": 1,
+            "breaker_reset_s": 8,
             "speculative_config": {"method": "ngram", "num_speculative_tokens": 4,
                                    "prompt_lookup_max": 4},
         },
@@ -225,7 +225,7 @@ def test_streamed_tool_call_deltas(api: openai.OpenAI) -> None:
 
 
 def test_prefix_cache_hits_are_reported(api: openai.OpenAI) -> None:
-    system = "You are a careful assistant for a travel agency. " * 30  # > 2 vLLM CPU blocks
+    system = "You are a careful assistant for a travel agency. " * 16  # > 1 vLLM CPU block
     cached = []
     for _ in range(2):
         response = api.chat.completions.create(
@@ -296,7 +296,7 @@ def test_killed_mid_stream_and_request_restarts(gateway: Live, api: openai.OpenA
     info = fallback["body"]["slmgate"]
     assert [a["model"] for a in info["attempts"]] == ["v", "tiny"]
     assert info["attempts"][0]["outcome"] == "error"
-    assert request_rows(url) >= before + 2  # both requests are in the ledger
+    eventually(lambda: request_rows(url) == before + 2, 10)  # both requests reach the ledger
 
     eventually(lambda: server(base)["state"] == "ready", 600)  # the supervisor restarted it
     state = server(base)
@@ -305,7 +305,7 @@ def test_killed_mid_stream_and_request_restarts(gateway: Live, api: openai.OpenA
     metrics = httpx.get(base + "/metrics", headers=AUTH, timeout=10).text
     assert 'slmgate_server_restarts{backend="v"} 1.0' in metrics
     assert 'slmgate_backend_errors_total{backend="v"' in metrics
-    time.sleep(4)  # the breaker's reset time
+    time.sleep(9)  # the breaker's reset time
     answer = api.chat.completions.create(
         model="vonly", messages=[{"role": "user", "content": "Say OK."}], max_tokens=4
     )
@@ -315,30 +315,42 @@ def test_killed_mid_stream_and_request_restarts(gateway: Live, api: openai.OpenA
 def test_hung_server_falls_back_then_recovers(gateway: Live, api: openai.OpenAI) -> None:
     base, url, _ = gateway
     pid = server(base)["pid"]
-    _kill_group(pid, signal.SIGSTOP)
+    in_flight: dict[str, Any] = {}
+
+    def ask() -> None:
+        started = time.monotonic()
+        response = api.chat.completions.with_raw_response.create(
+            model="vfb", messages=[{"role": "user", "content": "Count from 1 to 50."}],
+            max_tokens=100,
+        )  # fmt: skip
+        in_flight["took"], in_flight["body"] = time.monotonic() - started, json.loads(response.text)
+
+    worker = threading.Thread(target=ask)
+    worker.start()
+    time.sleep(3)
+    _kill_group(pid, signal.SIGSTOP)  # hung with a request in flight
     try:
         eventually(lambda: server(base)["state"] == "unhealthy", 30)
-        answers = []
-        for _ in range(3):  # timeout, timeout (breaker opens), then the breaker answers at once
-            started = time.monotonic()
-            response = api.chat.completions.with_raw_response.create(
-                model="vfb", messages=[{"role": "user", "content": "Say OK."}], max_tokens=4
-            )
-            answers.append((time.monotonic() - started, json.loads(response.text)))
-        for _, body in answers:
-            assert [a["model"] for a in body["slmgate"]["attempts"]] == ["v", "tiny"]
-            assert body["choices"][0]["message"]["content"] is not None
-        assert answers[0][0] >= TIMEOUT_S - 1  # the first waited out the tier's timeout
-        assert answers[2][0] < TIMEOUT_S / 2  # the open breaker skips the hung tier
+        started = time.monotonic()  # a new request: the supervisor knows, no timeout to wait
+        response = api.chat.completions.with_raw_response.create(
+            model="vfb", messages=[{"role": "user", "content": "Say OK."}], max_tokens=4
+        )
+        took, body = time.monotonic() - started, json.loads(response.text)
+        worker.join(timeout=TIMEOUT_S + 60)
+        for answer in (body, in_flight["body"]):
+            assert [a["model"] for a in answer["slmgate"]["attempts"]] == ["v", "tiny"]
+            assert answer["choices"][0]["message"]["content"] is not None
+            assert len(attempts(url, answer["id"])) == 2
+        assert in_flight["took"] >= TIMEOUT_S - 5  # the one in flight waited out the timeout
+        assert took < TIMEOUT_S / 3  # the next fell back at once
         metrics = httpx.get(base + "/metrics", headers=AUTH, timeout=10).text
-        assert 'slmgate_breaker_state{backend="v",state="open"} 1.0' in metrics
-        for _, body in answers:
-            assert len(attempts(url, body["id"])) == 2
+        assert 'slmgate_server_state{backend="v",state="unhealthy"} 1.0' in metrics
+        assert 'slmgate_backend_errors_total{backend="v",kind="RequestTimeoutError"}' in metrics
     finally:
         _kill_group(pid, signal.SIGCONT)
     eventually(lambda: server(base)["state"] == "ready", 60)
     assert server(base)["pid"] == pid  # it came back by itself: no restart needed
-    time.sleep(4)  # the breaker's reset time
+    time.sleep(9)  # the breaker's reset time
     answer = api.chat.completions.create(
         model="vonly", messages=[{"role": "user", "content": "Say OK."}], max_tokens=4
     )
