@@ -61,6 +61,10 @@ class LaunchSpec:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("launch: model (a model directory or builtin: name) is required")
+        # Config files say ~/...: expanded here, as a shell would
+        object.__setattr__(self, "python", os.path.expanduser(self.python))
+        if not self.model.startswith("builtin:"):
+            object.__setattr__(self, "model", os.path.expanduser(self.model))
         if not 0 <= self.port < 65536:
             raise ValueError(f"launch: port must be 0..65535, got {self.port}")
         numbers = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,9 @@ def test_launch_spec_argv_and_interpreter(tmp_path: Path) -> None:
         "--model", "/models/x", "--served-model-name", "x", "--host", "127.0.0.1",
         "--port", "9", "--enforce-eager",
     ]  # fmt: skip
+    home = LaunchSpec(model="~/models/x", python="~/venv")
+    assert (home.model, home.python) == (os.path.expanduser("~/models/x"),
+                                         os.path.expanduser("~/venv"))  # fmt: skip
     with pytest.raises(ValueError, match="port"):
         LaunchSpec(model="m", port=70000)
     with pytest.raises(ValueError, match="> 0"):
