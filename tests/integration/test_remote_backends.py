@@ -667,7 +667,7 @@ def test_model_spec_validation() -> None:
                   remote_model="m")  # fmt: skip
     with pytest.raises(ValueError, match="need a source"):
         ModelSpec("x")
-    with pytest.raises(ValueError, match="base_url need kind openai"):
+    with pytest.raises(ValueError, match="base_url need a remote kind"):
         ModelSpec("x", "builtin:smollm2-135m-instruct", base_url="http://h")
     with pytest.raises(ValueError, match="max_retries"):
         ModelSpec("x", kind="litellm", remote_model="m", max_retries=-1)

@@ -65,7 +65,7 @@ def test_model_spec_compute_price_per_hour() -> None:
     assert priced.resolved_prices() == (0.0, 1.0)
     with pytest.raises(ValueError, match="prices must be >= 0"):
         ModelSpec("x", "builtin:smollm2-135m-instruct", price_per_core_hour=-1.0)
-    with pytest.raises(ValueError, match="are for embedded models"):
+    with pytest.raises(ValueError, match="are for embedded and vllm models"):
         ModelSpec("x", kind="litellm", remote_model="gpt-4o-mini", price_per_gpu_hour=1.0)
 
 
