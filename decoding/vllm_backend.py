@@ -168,7 +168,7 @@ class VllmBackend(OpenAICompatBackend):
         before = await self._spec_counters()
         mark = self.clock.begin()
         self._began += 1
-        began = self._began
+        began, alone_at_start = self._began, self.clock.in_flight == 1
         ended = False
         completion = 0
         try:
@@ -177,7 +177,8 @@ class VllmBackend(OpenAICompatBackend):
                     completion += 1
                 elif isinstance(event, FinishEvent) and not ended:
                     ended = True
-                    alone = self._began == began and self.clock.in_flight == 1
+                    # alone throughout: none running when it began, none begun since
+                    alone = alone_at_start and self._began == began and self.clock.in_flight == 1
                     share = self.clock.end(mark)
                     spec = None
                     if alone and before is not None:
