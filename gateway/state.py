@@ -4,6 +4,7 @@ or failed request is written to the ledger and metrics."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
@@ -163,11 +164,7 @@ class Gateway:
                 continue
             status = supervisor.status()
             self.metrics.set_server_status(name, status.state.value, status.restarts)
-            out[name] = {
-                "state": status.state.value, "pid": status.pid, "port": status.port,
-                "restarts": status.restarts, "last_exit": status.last_exit,
-                "log_file": status.log_file,
-            }  # fmt: skip
+            out[name] = {**dataclasses.asdict(status), "state": status.state.value}
         return out
 
     def shadow_runner(self) -> ShadowRunner:
