@@ -40,8 +40,10 @@ import httpx
 from benchmarks import bfcl_data
 from benchmarks.bfcl_report import (
     ItemRecord,
+    compare_escalation,
     label_rows,
     record_from_dict,
+    render_escalation,
     render_stream,
     render_table,
     reprice,
@@ -175,6 +177,11 @@ def judge(
         record.error_type, record.error = "request:no_choices", str(body)[:200]
         return
     message = choices[0].get("message")
+    if isinstance(message, dict):  # the reply as sent, to compare policies item by item
+        wire_calls = [c.get("function") for c in message.get("tool_calls") or []
+                      if isinstance(c, dict)]  # fmt: skip
+        record.output = json.dumps({"content": message.get("content"), "calls": wire_calls},
+                                   sort_keys=True)  # fmt: skip
     calls = bfcl_data.tool_calls_of(message if isinstance(message, dict) else {})
     record.calls = len(calls or [])
     verdict = bfcl_data.score(item, calls, names)
@@ -461,6 +468,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--stream-bucket", type=int, default=10, help="item numbers per row")
     p.add_argument(
+        "--compare-escalation",
+        default=None,
+        metavar="VERIFY,REGEN",
+        help="also compare two cascades that differ only in verify_escalation: identical "
+        "replies, tokens reused from the first tier, latency of the items both escalated",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="send nothing: report the records already in --json (with --reprice, say)",
@@ -510,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [p.strip() for p in args.stream.split(",") if p.strip()]
         print("\nBy position in the stream\n")
         print(render_stream(stream_table(records, chosen, args.stream_bucket)))
+    if args.compare_escalation:
+        verify, regen = [p.strip() for p in args.compare_escalation.split(",")][:2]
+        print("\nVerified vs regenerated escalation\n")
+        print(render_escalation(compare_escalation(records, verify, regen)))
     if args.json and not args.report_only:
         _write_json(args.json, report)
     if args.labels:

@@ -42,6 +42,7 @@ class ItemRecord:
     calls: int = 0  # tool calls in the reply
     features: dict[str, float] = field(default_factory=dict)  # pre-router features of the request
     memory_examples: int | None = None  # demonstrations the first tier was shown (memory routes)
+    output: str | None = None  # the reply's message (content and calls), to compare policies
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -103,6 +104,85 @@ def summarize(records: Sequence[ItemRecord], policy: str) -> dict[str, Any]:
         "request_errors": len(rows) - len(replies),
         "error_types": _count(r.error_type for r in rows if not r.success),
     }
+
+
+def compare_escalation(
+    records: Sequence[ItemRecord], verify: str, regen: str
+) -> dict[str, Any]:
+    """Verified escalation (``verify``) against regenerating escalation (``regen``) on the same
+    items: identical replies, accuracy, the share of the answering tier's output tokens reused
+    from the earlier tier, and the latency of the items both escalated (whole request, and the
+    answering attempt alone)."""
+    by_key = {(r.category, r.id, r.policy): r for r in records}
+    pairs = [
+        (r, by_key[(r.category, r.id, regen)])
+        for r in records
+        if r.policy == verify and (r.category, r.id, regen) in by_key
+    ]
+    both = [(a, b) for a, b in pairs if not a.request_error and not b.request_error]
+    escalated = [(a, b) for a, b in both if a.fallback_reason and b.fallback_reason]
+    reused = out = 0
+    for a, _ in escalated:
+        last = _answering(a)
+        if last is not None and last.get("escalation") == "verified":
+            reused += int(last.get("reused_tokens") or 0)
+            out += int(last.get("completion_tokens") or 0)
+
+    def attempt_latency(r: ItemRecord) -> float:
+        last = _answering(r)
+        return float(last.get("latency_s") or 0.0) if last else 0.0
+
+    return {
+        "verify": verify,
+        "regen": regen,
+        "items": len(both),
+        "identical_replies": sum(a.output == b.output for a, b in both),
+        "successes": (sum(a.success for a, _ in pairs), sum(b.success for _, b in pairs)),
+        "escalated_both": len(escalated),
+        "identical_escalated": sum(a.output == b.output for a, b in escalated),
+        "reused_tokens": reused,
+        "answer_tokens": out,
+        "reused_share": _rate(reused, out),
+        "p50_latency_s": (
+            percentile(sorted(a.latency_s for a, _ in escalated), 50),
+            percentile(sorted(b.latency_s for _, b in escalated), 50),
+        ),
+        "p50_answer_attempt_s": (
+            percentile(sorted(attempt_latency(a) for a, _ in escalated), 50),
+            percentile(sorted(attempt_latency(b) for _, b in escalated), 50),
+        ),
+        "total_latency_s": (
+            sum(a.latency_s for a, _ in escalated), sum(b.latency_s for _, b in escalated)
+        ),
+    }
+
+
+def _answering(record: ItemRecord) -> dict[str, Any] | None:
+    """The attempt whose answer was returned (the last accepted one)."""
+    accepted = [a for a in record.attempts if a.get("outcome") == "accepted"]
+    return accepted[-1] if accepted else None
+
+
+def render_escalation(c: dict[str, Any]) -> str:
+    """``compare_escalation`` as a markdown table (verified vs regenerated)."""
+    lines = [
+        f"| | {c['verify']} (verified) | {c['regen']} (regenerated) |",
+        "|---|---|---|",
+        f"| items answered by both | {c['items']} | |",
+        f"| successes | {c['successes'][0]} | {c['successes'][1]} |",
+        f"| identical replies | {c['identical_replies']} of {c['items']} | |",
+        f"| escalated in both | {c['escalated_both']} "
+        f"({c['identical_escalated']} identical) | |",
+        f"| answer tokens reused from the first tier | {c['reused_tokens']} of "
+        f"{c['answer_tokens']} ({_pct(c['reused_share'])}) | - |",
+        f"| p50 latency, escalated items | {_sec(c['p50_latency_s'][0])} "
+        f"| {_sec(c['p50_latency_s'][1])} |",
+        f"| p50 answering attempt, escalated items | {_sec(c['p50_answer_attempt_s'][0])} "
+        f"| {_sec(c['p50_answer_attempt_s'][1])} |",
+        f"| total latency, escalated items | {_sec(c['total_latency_s'][0])} "
+        f"| {_sec(c['total_latency_s'][1])} |",
+    ]
+    return "\n".join(lines)
 
 
 def _reply_rates(replies: Sequence[ItemRecord]) -> dict[str, float | None]:

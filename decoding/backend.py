@@ -11,6 +11,7 @@ from decoding.types import (
     FinishReason,
     GenerationRequest,
     GenerationResult,
+    HintStats,
     SpecStats,
     TokenEvent,
 )
@@ -52,6 +53,7 @@ class FinishEvent:
     # Wall seconds the backend's worker spent on this choice (prefill + decode); the embedded
     # engine has one worker, so this is exclusive time. 0.0: not measured (remote backends).
     compute_s: float = 0.0
+    hint: HintStats | None = None  # set when the request carried a draft hint it verified
 
 
 class Backend(Protocol):
@@ -77,6 +79,7 @@ def collect(events: Sequence[TokenEvent | FinishEvent], model: str) -> Generatio
         if isinstance(event, FinishEvent):
             choice.finish_reason = event.reason
             choice.spec = event.spec
+            choice.hint = event.hint
             prompt_tokens = prompt_tokens or event.prompt_tokens
             cached_tokens = event.cached_tokens if cached_tokens is None else cached_tokens
             compute_s += event.compute_s

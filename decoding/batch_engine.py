@@ -149,6 +149,7 @@ class BatchLoop:
         for index in range(prepared.request.params.n):
             decoder = self.engine.decoder(prepared, index)
             seq = Sequence(next(self._ids), decoder.context, len(prepared.prompt_ids), first)
+            seq.wants_draft = decoder.wants_draft
             first = first or seq
             self._decoders[seq] = (decoder, request)
             self.scheduler.add(seq)
@@ -193,6 +194,7 @@ class BatchLoop:
                 self._fail(seq, exc)
                 continue
             self._keep(seq, fed.slots, walked.accepted)
+            seq.wants_draft = decoder.wants_draft
             self.scheduler.commit(seq)
             for event in walked.events:
                 request.send(event)

@@ -3,10 +3,11 @@
 A pass feeds the tokens the model has not seen plus a draft (``draft``); ``walk`` then reads
 the pass's logits rows exactly as plain decoding reads its steps — jump-forward, or mask and
 pick; accept in the grammar; detokenise and watch stop strings — and goes on to the next row
-only while the pick equals a drafted child. The result says which draft nodes were kept, what
-was emitted and whether the choice ended; the caller keeps the kept nodes' key/value rows and
-feeds the rest next pass. The serial engine (``decoding.engine``) and the batched one
-(``decoding.batch_engine``) drive the same walk, so they decode alike.
+only while the pick (or every token of forced text) equals a drafted child. The result says
+which draft nodes were kept, what was emitted and whether the choice ended; the caller keeps
+the kept nodes' key/value rows and feeds the rest next pass. The serial engine
+(``decoding.engine``) and the batched one (``decoding.batch_engine``) drive the same walk, so
+they decode alike.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from decoding.draft_tree import child_map, prune_draft
 from decoding.grammar import CompiledConstraint, GrammarState
 from decoding.sampling import Pick, pick_token
 from decoding.speculative import DrafterPool, coupled_sampler
-from decoding.types import FinishReason, GenerationRequest, TokenEvent, TopLogprob
+from decoding.types import FinishReason, GenerationRequest, HintStats, TokenEvent, TopLogprob
 from spec.draft import Draft
+from spec.hint import HintConfig, HintCursor
 
 __all__ = ["FORCED_CHARS_PER_TOKEN", "ChoiceDecoder", "DecoderHost", "WalkResult"]
 
@@ -47,6 +49,9 @@ class DecoderHost(Protocol):
 
     @property
     def spec_tree(self) -> bool: ...
+
+    @property
+    def hint_config(self) -> HintConfig: ...
 
     def new_grammar_state(self, compiled: CompiledConstraint) -> GrammarState: ...
 
@@ -98,17 +103,44 @@ class ChoiceDecoder:
         self.reused = 0  # prompt positions taken from a prefix cache
         self.compute_s = 0.0  # this choice's share of the passes and its own walks
         self.drafting = host.drafters.session(host.speculation_for(request), prompt_ids)
+        self.hint: HintCursor | None = None
+        if request.draft_hint:
+            hint_ids = self._encode(request.draft_hint)
+            self.hint = HintCursor(request.draft_hint, hint_ids, host.hint_config)
+        self._hinted = 0  # hint tokens in the pass being verified
+        self._hint_passes = 0
         self._choose = (
-            coupled_sampler(params, self.generator) if self.drafting and self.generator else None
+            coupled_sampler(params, self.generator)
+            if (self.drafting or self.hint) and self.generator
+            else None
         )
 
     # ---- one pass --------------------------------------------------------------------------
 
+    @property
+    def wants_draft(self) -> int:
+        """Draft nodes the next pass could use beyond the engine's usual budget: the hint's
+        next chunk while the output follows a draft hint, else 0."""
+        return self.hint.chunk if self.hint is not None and self.hint.active else 0
+
     def draft(self, budget: int) -> Draft:
         """A draft after the context (at most ``budget`` nodes, no deeper than the tokens left)
-        without the nodes below a stop token or a token the grammar forbids."""
+        without the nodes below a stop token or a token the grammar forbids. While the output
+        follows a draft hint, the hint is the draft; after it, the drafters'."""
         room = self.limit - self.produced - 1
-        if self.drafting is None or room <= 0 or budget <= 0:
+        self._hinted = 0
+        if room <= 0 or budget <= 0:
+            return Draft.empty()
+        if self.hint is not None and self.hint.active:
+            ids = self.hint.propose(self.context[self.n_prompt :], self._decode, self._encode,
+                                    budget)  # fmt: skip
+            if ids:
+                chain = Draft.path(ids, [1.0] * len(ids))
+                draft = prune_draft(chain, room, self.host.stop_ids, self.grammar)
+                self._hinted = len(draft)
+                if draft:
+                    return draft
+        if self.drafting is None:
             return Draft.empty()
         draft = self.drafting.propose(self.context, budget, self.host.spec_tree)
         return prune_draft(draft, room, self.host.stop_ids, self.grammar)
@@ -120,12 +152,21 @@ class ChoiceDecoder:
         children = child_map(draft)
         node = -1  # the walk's position: -1 is the last pending token
         while not result.finished:
-            forced = self._row(rows[node + 1], result)
-            child = None if forced or result.finished else children.get((node, result.emitted[-1]))
-            if child is None:
+            before = len(result.emitted)
+            self._row(rows[node + 1], result)
+            if result.finished:
                 break
-            node = child
-            result.accepted.append(child)
+            # The row emitted one picked token, or forced grammar text (chosen without looking
+            # at the logits): the walk goes on while the draft holds every one of them.
+            for token in result.emitted[before:]:
+                child = children.get((node, token))
+                if child is None:
+                    break
+                node = child
+                result.accepted.append(child)
+            else:
+                continue
+            break
         if not result.finished and self.produced >= self.limit:
             self._finish(result, "length")
         self._record(draft, result)
@@ -134,13 +175,17 @@ class ChoiceDecoder:
             finish = result.events[-1]
             assert isinstance(finish, FinishEvent)
             spec = self.drafting.counter.stats() if self.drafting else None
+            hint = None
+            if self.hint is not None:
+                hint = HintStats(self.hint.drafted, self.hint.reused, self._hint_passes)
             result.events[-1] = replace(
-                finish, spec=spec, cached_tokens=self.reused, compute_s=self.compute_s
+                finish, spec=spec, cached_tokens=self.reused, compute_s=self.compute_s, hint=hint
             )
         return result
 
     def _row(self, logits: torch.Tensor, result: WalkResult) -> bool:
-        """One plain decoding step on ``logits``; returns whether it emitted forced text."""
+        """One plain decoding step on ``logits`` (a picked token, or the grammar's forced text);
+        returns whether it emitted forced text."""
         if self.produced >= self.limit:
             self._finish(result, "length")
             return False
@@ -211,10 +256,21 @@ class ChoiceDecoder:
 
     def _record(self, draft: Draft, result: WalkResult) -> None:
         """Count one pass and let the drafters index what it emitted."""
+        drafted, accepted = len(draft), len(result.accepted)
+        if self._hinted and self.hint is not None:
+            self.hint.record(self._hinted, accepted)
+            self._hint_passes += 1
+            drafted = accepted = 0  # the drafters' counts are for their own drafts
         if self.drafting is not None:
-            self.drafting.counter.record(len(draft), len(result.accepted), len(result.emitted))
+            self.drafting.counter.record(drafted, accepted, len(result.emitted))
             if result.emitted:
                 self.drafting.extend(result.emitted)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.host.tokenizer.encode(text, add_special_tokens=False))
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.host.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def _event(self, token: int, text: str, pick: Pick | None) -> TokenEvent:
         if pick is None:  # forced by the grammar: certain under the constrained distribution

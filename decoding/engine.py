@@ -57,6 +57,7 @@ from decoding.types import (
 from kernels.tree_mask import additive_mask, build_tree_mask
 from schemas.errors import ContextLengthError, GenerationCancelled, InvalidRequestError
 from spec.draft import Draft
+from spec.hint import HintConfig
 from spec.stand import StandConfig
 from spec.suffix import SuffixConfig
 
@@ -84,7 +85,9 @@ class EngineConfig:
     route that prefers speed sets ``speculation`` explicitly. ``spec_max_draft`` bounds the
     tokens drafted per pass; with ``spec_tree`` a pass verifies the drafters' token trees (one
     forward pass with a tree attention mask, ``kernels.tree_mask``), else their best path;
-    ``suffix``/``stand`` configure the drafters.
+    ``suffix``/``stand`` configure the drafters. ``hint`` sizes the passes that verify a
+    request's ``draft_hint`` (an earlier tier's answer, ``spec.hint``); hints are verified
+    whatever ``speculation`` says, since they are what the request asked to reuse.
 
     Prompts are prefilled in ``prefill_block``-token blocks aligned to absolute positions, and
     the rows of up to ``prefix_cache_tokens`` recent prompt tokens are kept so a request that
@@ -114,6 +117,7 @@ class EngineConfig:
     prefix_cache_tokens: int = 32768
     suffix: SuffixConfig = field(default_factory=SuffixConfig)
     stand: StandConfig = field(default_factory=StandConfig)
+    hint: HintConfig = field(default_factory=HintConfig)
     grammar_engine: GrammarEngine = "auto"  # for requests that name none
     batching: bool = False
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -161,8 +165,10 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
 class EmbeddedEngine:
     """A local model behind the ``Backend`` interface."""
 
-    # Requests may carry ``continue_ids`` (the router's abstention probe relies on it).
+    # Requests may carry ``continue_ids`` (the router's abstention probe relies on it) and a
+    # ``draft_hint`` (verified escalation).
     supports_continuation = True
+    supports_draft_hint = True
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         self.config = config
@@ -400,7 +406,7 @@ class EmbeddedEngine:
                 while True:
                     if cancel.is_set():
                         raise GenerationCancelled("generation cancelled: the client went away")
-                    draft = decoder.draft(self.config.spec_max_draft)
+                    draft = decoder.draft(max(self.config.spec_max_draft, decoder.wants_draft))
                     cached = len(decoder.context) - len(pending)
                     rows = self._forward(pending + list(draft.token_ids), cache, draft, cached)
                     step = decoder.walk(rows, draft)
@@ -429,6 +435,10 @@ class EmbeddedEngine:
     @property
     def spec_tree(self) -> bool:
         return self.config.spec_tree
+
+    @property
+    def hint_config(self) -> HintConfig:
+        return self.config.hint
 
     def speculation_for(self, request: GenerationRequest) -> str:
         """The request's ``speculation`` setting, or the engine's default for this dtype."""

@@ -68,6 +68,9 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     reused: int | None = None  # positions found cached at the first admission
     done: bool = False
+    # Draft nodes it could use beyond its share (a draft hint's next chunk): its draft is then
+    # what is left of the pass's token budget, up to this.
+    wants_draft: int = 0
 
     @property
     def pending(self) -> int:
@@ -139,7 +142,8 @@ class Scheduler:
             # newcomer when one waits: a long prompt never holds the others off.
             room = max(budget - later, 1)
             take = self._chunk(seq, max(room // 2, 1) if admitting else room)
-            draft = max(0, min(each, budget - take - later)) if take == seq.pending else 0
+            want = max(each, seq.wants_draft)
+            draft = max(0, min(want, budget - take - later)) if take == seq.pending else 0
             if not draft or not self._fits(seq, take + draft):  # never preempt for a draft
                 draft = 0
                 if not self._reserve(seq, take):

@@ -72,6 +72,10 @@ class GenerationRequest:
     # Token ids the assistant turn already holds (appended after the rendered prompt; the output
     # continues them). Embedded engines only: the router probes what a model would write next.
     continue_ids: tuple[int, ...] = ()
+    # Text an earlier tier wrote for this request (verified escalation, ``spec.hint``): the
+    # engine verifies it as a speculative draft, so the output is still this model's own and
+    # only the number of passes changes. Backends without ``supports_draft_hint`` ignore it.
+    draft_hint: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,16 @@ class SpecStats:
         """Tokens emitted per verification step (1.0 = no gain)."""
         emitted = sum((i + 1) * n for i, n in enumerate(self.histogram))
         return emitted / self.steps if self.steps else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HintStats:
+    """What verifying a ``draft_hint`` did for one choice: hint tokens offered to verification
+    and ``reused`` (accepted: output tokens taken from the earlier tier's text), in passes."""
+
+    drafted: int = 0
+    reused: int = 0
+    passes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +147,7 @@ class Choice:
     events: list[TokenEvent]
     finish_reason: FinishReason
     spec: SpecStats | None = None
+    hint: HintStats | None = None
 
 
 @dataclass(slots=True)

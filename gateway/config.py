@@ -123,7 +123,7 @@ def route_from_mapping(data: Mapping[str, Any]) -> Route:
     known = {
         "name", "tiers", "policy", "signal", "threshold", "early_fallback", "pre",
         "speculation", "stream_commit_tokens", "guided_decoding", "deferral", "memory",
-        "grammar_engine", "on_invalid", "max_resamples", "abstain_probe",
+        "grammar_engine", "on_invalid", "max_resamples", "abstain_probe", "verify_escalation",
     }  # fmt: skip
     unknown = set(data) - known
     if unknown:

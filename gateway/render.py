@@ -104,6 +104,10 @@ def slmgate_facts(answer: Answer) -> dict[str, Any]:
                 "latency_s": round(a.latency_s, 4),
                 "compute_s": None if a.compute_s is None else round(a.compute_s, 4),
                 "grammar_engine": a.grammar_engine,
+                # verified: it checked the earlier tier's answer as a draft and kept
+                # reused_tokens of it; regenerated: it could not, and wrote its own from scratch
+                "escalation": a.hint_mode,
+                "reused_tokens": a.hint_reused,
                 "error": a.error,
                 "energy_j": None if a.energy_j is None else round(a.energy_j, 4),
                 "energy": None if a.energy_j is None else (
@@ -111,6 +115,8 @@ def slmgate_facts(answer: Answer) -> dict[str, Any]:
             }
             for a in answer.attempts
         ],
+        "reused_tokens": sum(a.hint_reused or 0 for a in answer.attempts
+                             if a.outcome == "accepted"),  # from an earlier tier's answer
         "speculation": None if not specs else {
             "drafter": specs[0].drafter,
             "drafted": sum(s.drafted for s in specs),

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from decoding.backend import BackendInfo, FinishEvent, collect
 from decoding.types import GenerationRequest, GenerationResult, TokenEvent
@@ -114,6 +114,9 @@ class Attempt:
     # It re-decodes a tool request as text (the abstention the probe found): deferral judges it
     # as a tool answer that called nothing, not as free text.
     abstention: bool = False
+    # An earlier tier's answer was handed over (verified escalation): ``verified`` when this
+    # backend checks it as a draft, ``regenerated`` when it cannot; None: nothing handed over.
+    hint_mode: Literal["verified", "regenerated"] | None = None
 
     def deferral_kind(self, req: GenerationRequest) -> Kind:
         return "tools" if self.abstention else kind_of(req.constraint)
@@ -268,6 +271,13 @@ class Attempt:
             rec.spec_drafted = sum(s.drafted for s in specs)
             rec.spec_accepted = sum(s.accepted for s in specs)
             rec.spec_steps = sum(s.steps for s in specs)
+        hints = [c.hint for c in result.choices if c.hint is not None]
+        if self.hint_mode == "verified" or hints:
+            rec.hint_mode = "verified"
+            rec.hint_drafted = sum(h.drafted for h in hints)
+            rec.hint_reused = sum(h.reused for h in hints)
+        elif self.hint_mode is not None:
+            rec.hint_mode = self.hint_mode
         if energy is not None:
             rec.energy_j, rec.energy_measured = energy
         if trace.pre_score is not None:

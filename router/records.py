@@ -54,6 +54,13 @@ class AttemptRecord:
     spec_drafted: int | None = None
     spec_accepted: int | None = None
     spec_steps: int | None = None
+    # Verified escalation (``spec.hint``): ``verified`` when this tier checked the earlier
+    # tier's answer as a draft (``hint_drafted`` of its tokens offered, ``hint_reused`` kept
+    # in the output), ``regenerated`` when it could not (a backend without draft hints) and
+    # wrote its answer from scratch; None when no earlier answer was handed over.
+    hint_mode: Literal["verified", "regenerated"] | None = None
+    hint_drafted: int | None = None
+    hint_reused: int | None = None
     energy_j: float | None = None
     energy_measured: bool = False
     task_id: str | None = None

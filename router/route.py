@@ -49,6 +49,11 @@ class Route:
     # After a call in tool_choice auto, probe whether the model meant a tool nobody offered, and
     # let it answer in text if so (``router.abstain``; embedded tiers only).
     abstain_probe: bool = True
+    # Verified escalation (``spec.hint``): the tier a cascade escalates to checks the earlier
+    # tier's answer as a speculative draft and keeps what it would have written itself, so the
+    # answer is still its own (greedy: token for token) and only the passes change. Backends
+    # that cannot (remote servers) regenerate, and the ledger says so.
+    verify_escalation: bool = True
 
     def __post_init__(self) -> None:
         if not self.tiers:

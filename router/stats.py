@@ -202,6 +202,25 @@ def series(
     ]
 
 
+def verified_escalation(
+    verified: int, regenerated: int, drafted: int, reused: int, output_tokens: int
+) -> dict[str, float | int | None]:
+    """Escalations whose tier verified the earlier answer as a draft (``spec.hint``) and those
+    that regenerated it; ``reused_share``: output tokens of the verified escalations that were
+    taken from the earlier tier's answer.
+
+    >>> verified_escalation(2, 1, 40, 30, 60)["reused_share"]
+    0.5
+    """
+    return {
+        "verified": verified,
+        "regenerated": regenerated,
+        "drafted_tokens": drafted,
+        "reused_tokens": reused,
+        "reused_share": rate(reused, output_tokens),
+    }
+
+
 def speculation(drafted: int, accepted: int, steps: int) -> dict[str, float | int | None]:
     """Speculation totals: acceptance rate = accepted / drafted; mean accepted length =
     accepted draft tokens per verification step."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any, Literal
 
 from decoding.constraint import ToolCalls
@@ -205,17 +206,23 @@ async def run_tiers(
     samples = 0  # finished outputs of the last tier that broke their schema
     resampled: dict[int, GenerationRequest] = {}
     abstaining: set[int] = set()  # tiers re-decoding a tool request as text (router.abstain)
+    handover: tuple[int, str] | None = None  # (tier, text) of the last escalated answer
     queue = [(tier, tier == plan.last) for tier in range(plan.start, plan.last + 1)]
     # grows when a tier resamples, escalates or reruns (below)
     for position, (tier, final) in enumerate(queue):
-        # A resampled (or abstaining) tier is prepared again: its request differs from the one
-        # the plan prepared (seed and temperature, or the constraint), and engines decode the
-        # prepared request.
-        fresh = tier in resampled or tier not in plan.prepared
+        req = resampled.get(tier) or plan.requests.get(tier, caller_req)
+        hint = draft_hint_for(route, tier, handover, tier in resampled)
+        hint_mode = hint_mode_of(hint, backends[tier])
+        if hint_mode == "verified":
+            req = replace(req, draft_hint=hint)
+        # A resampled (or abstaining, or hinted) tier is prepared again: its request differs
+        # from the one the plan prepared (seed and temperature, the constraint, the hint), and
+        # engines decode the prepared request.
+        fresh = tier in resampled or tier not in plan.prepared or hint_mode == "verified"
         att = Attempt(route, backends[tier], trace, final, energy,
                       None if fresh else plan.prepared[tier])  # fmt: skip
         att.abstention = tier in abstaining
-        req = resampled.get(tier) or plan.requests.get(tier, caller_req)
+        att.hint_mode = hint_mode
         # Tool calls are sent whole anyway (``Router.streams_tokens``): held, they can still be
         # probed and resampled; JSON is held when its validity is promised but not enforced.
         hold = isinstance(req.constraint, ToolCalls) or (
@@ -282,6 +289,7 @@ async def run_tiers(
                     continue
                 if policy == "escalate" and tier + 1 < len(backends):
                     att.book("escalated", req, reason="invalid")
+                    handover = handover_of(att, tier) or handover
                     queue.append((tier + 1, True))
                     reason = "invalid"
                     continue
@@ -299,6 +307,7 @@ async def run_tiers(
                 return
             if step == "next":
                 reason = why
+                handover = handover_of(att, tier) or handover
                 if att.aborted and cut_short is None:
                     cut_short = tier
                 if not att.aborted and (kept is None or better(att, kept)):
@@ -314,6 +323,35 @@ async def run_tiers(
             yield answer_of(kept, trace, backends[-1], reason, rates)
             return
     raise AssertionError("unreachable: the last tier always decides")
+
+
+def handover_of(att: Attempt, tier: int) -> tuple[int, str] | None:
+    """An escalated attempt's answer, for the next tier to verify as a draft (one choice only:
+    with ``n`` > 1 the choices differ, and none stands for the others). An attempt early
+    fallback cut short hands over what it wrote so far."""
+    if att.result is None or len(att.result.choices) != 1:
+        return None
+    text = att.result.choices[0].text
+    return (tier, text) if text else None
+
+
+def draft_hint_for(
+    route: Route, tier: int, handover: tuple[int, str] | None, resampling: bool
+) -> str:
+    """The earlier answer a tier verifies as its draft: a later tier's first attempt after an
+    escalation, when the route verifies escalations (a tier sampling again gets none)."""
+    if not route.verify_escalation or handover is None or resampling:
+        return ""
+    from_tier, text = handover
+    return text if tier > from_tier else ""
+
+
+def hint_mode_of(hint: str, backend: Any) -> Literal["verified", "regenerated"] | None:
+    """``verified`` when the backend checks a draft hint, ``regenerated`` when it cannot (it
+    writes its answer from scratch, and the ledger says so), None when there is no hint."""
+    if not hint:
+        return None
+    return "verified" if getattr(backend, "supports_draft_hint", False) else "regenerated"
 
 
 def observe_rate(rates: dict[str, ComputeRate] | None, att: Attempt) -> None:

@@ -78,6 +78,9 @@ attempts_table = sa.Table(
     sa.Column("spec_drafted", sa.Integer),
     sa.Column("spec_accepted", sa.Integer),
     sa.Column("spec_steps", sa.Integer),
+    sa.Column("hint_mode", sa.String),  # verified | regenerated | NULL (no hint handed over)
+    sa.Column("hint_drafted", sa.Integer),
+    sa.Column("hint_reused", sa.Integer),
     sa.Column("energy_j", sa.Double),
     sa.Column("energy_measured", sa.Boolean, nullable=False),
     sa.Column("grammar_engine", sa.String),  # NULL: no grammar (or an older ledger)
@@ -163,7 +166,10 @@ def create_schema(conn: Connection) -> None:
     attempt_columns = {c["name"] for c in sa.inspect(conn).get_columns("attempts")}
     # Ledgers written before attempts recorded these: their rows stay NULL (unknown). A
     # concurrent upgrade's loser fails here and its caller retries, as above.
-    for name, sql_type in (("compute_s", "DOUBLE PRECISION"), ("grammar_engine", "VARCHAR")):
+    for name, sql_type in (
+        ("compute_s", "DOUBLE PRECISION"), ("grammar_engine", "VARCHAR"), ("hint_mode", "VARCHAR"),
+        ("hint_drafted", "INTEGER"), ("hint_reused", "INTEGER"),
+    ):  # fmt: skip
         if name not in attempt_columns:
             conn.execute(sa.text(f"ALTER TABLE attempts ADD COLUMN {name} {sql_type}"))
 

@@ -93,6 +93,30 @@ def _by_tier(conn: Connection, rconds: list[Any]) -> tuple[dict[str, dict[str, A
     return by_tier, spec
 
 
+def _hints(conn: Connection, rconds: list[Any]) -> list[int]:
+    """Verified escalation totals over the window's attempts: (verified, regenerated, hint
+    tokens drafted, reused, output tokens of the verified attempts)."""
+    a, r = attempts_table.c, requests_table.c
+    row = conn.execute(
+        sa.select(
+            _count_true(a.hint_mode == "verified"),
+            _count_true(a.hint_mode == "regenerated"),
+            sa.func.coalesce(sa.func.sum(a.hint_drafted), 0),
+            sa.func.coalesce(sa.func.sum(a.hint_reused), 0),
+            sa.func.coalesce(
+                sa.func.sum(sa.case((a.hint_mode == "verified", a.completion_tokens), else_=0)), 0
+            ),
+        )
+        .select_from(
+            attempts_table.join(requests_table, a.request_id == r.request_id)
+            if rconds
+            else attempts_table
+        )
+        .where(*rconds, a.hint_mode.is_not(None))
+    ).one()
+    return [int(v) for v in row]
+
+
 def _outcome_groups(conn: Connection, tconds: list[Any]) -> dict[str | None, st.Group]:
     """(tasks, successes, cost) of the window's tasks per ``outcome_source``."""
     t = tasks_table.c
@@ -157,6 +181,7 @@ def stats(
 
     latency, ttft = percentiles(conn, dialect, rconds)
     by_tier, spec = _by_tier(conn, rconds)
+    hints = _hints(conn, rconds)
     cost = sum(tier["cost_usd"] for tier in by_tier.values())
     joules, energy_requests, measured = float(req[10]), int(req[11]), int(req[12])
 
@@ -224,6 +249,7 @@ def stats(
         "ttft_s": ttft,
         "by_tier": by_tier,
         "speculation": st.speculation(spec[0], spec[1], spec[2]),
+        "verified_escalation": st.verified_escalation(*hints),
         "energy": {
             "joules": joules,
             "joules_per_request": st.rate(joules, energy_requests),

@@ -59,6 +59,10 @@ CARD_PATHS: dict[str, tuple[str, ...]] = {
     "spec-mean-length": ("speculation", "mean_accepted_length"),
     "spec-accepted": ("speculation", "accepted"),
     "spec-drafted": ("speculation", "drafted"),
+    "reused-share": ("verified_escalation", "reused_share"),
+    "reused-tokens": ("verified_escalation", "reused_tokens"),
+    "escalations-verified": ("verified_escalation", "verified"),
+    "escalations-regenerated": ("verified_escalation", "regenerated"),
     "energy-per-request": ("energy", "joules_per_request"),
     "energy-total": ("energy", "joules"),
     "requests": ("requests",),
@@ -145,6 +149,8 @@ def stats_for(route: str | None) -> dict[str, Any]:
         },
         "speculation": {"drafted": 1200, "accepted": 845, "steps": 400,
                         "acceptance_rate": 845 / 1200, "mean_accepted_length": 2.1125},
+        "verified_escalation": {"verified": 5, "regenerated": 1, "drafted_tokens": 300,
+                                "reused_tokens": 126, "reused_share": 0.6},
         "energy": {"joules": 91.5, "joules_per_request": 3.05, "measured": False},
         "series": series,
     }  # fmt: skip
@@ -158,6 +164,8 @@ def stats_for(route: str | None) -> dict[str, Any]:
                                       "completion_tokens": 90, "cost_usd": 0.0004}},
                      speculation={"drafted": 0, "accepted": 0, "steps": 0,
                                   "acceptance_rate": None, "mean_accepted_length": None},
+                     verified_escalation={"verified": 0, "regenerated": 0, "drafted_tokens": 0,
+                                          "reused_tokens": 0, "reused_share": None},
                      energy={"joules": 12.5, "joules_per_request": 2.5, "measured": True},
                      series=[bucket(3, 5, 2, 1, 0.0004)])  # fmt: skip
     return stats

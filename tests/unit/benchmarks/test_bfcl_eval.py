@@ -759,3 +759,31 @@ def test_apply_facts_counts_memory_examples() -> None:
     assert record.memory_examples == 2
     be.apply_facts(record, {"slmgate": {}})
     assert record.memory_examples is None
+
+
+def test_compare_escalation_pairs_items_and_reads_the_answering_attempt() -> None:
+    from benchmarks.bfcl_report import ItemRecord, compare_escalation, render_escalation
+
+    def rec(item: str, policy: str, output: str, latency: float, reused: int | None,
+            escalated: bool = True) -> ItemRecord:  # fmt: skip
+        last = {"outcome": "accepted", "latency_s": latency / 2, "completion_tokens": 10,
+                "escalation": "verified" if reused is not None else None,
+                "reused_tokens": reused}  # fmt: skip
+        return ItemRecord("simple", item, policy, "t", success=output == "ok", output=output,
+                          latency_s=latency, tier="llm" if escalated else "slm",
+                          fallback_reason="low_confidence" if escalated else None,
+                          attempts=[{"outcome": "escalated"}, last])  # fmt: skip
+
+    records = [
+        rec("1", "v", "ok", 2.0, 8), rec("1", "r", "ok", 6.0, None),
+        rec("2", "v", "ok", 4.0, 2), rec("2", "r", "bad", 8.0, None),
+        rec("3", "v", "ok", 1.0, None, escalated=False), rec("3", "r", "ok", 1.0, None, False),
+    ]
+    c = compare_escalation(records, "v", "r")
+    assert (c["items"], c["identical_replies"], c["escalated_both"]) == (3, 2, 2)
+    assert c["identical_escalated"] == 1
+    assert c["successes"] == (3, 2)
+    assert (c["reused_tokens"], c["answer_tokens"], c["reused_share"]) == (10, 20, 0.5)
+    assert c["p50_latency_s"] == (3.0, 7.0)
+    assert c["p50_answer_attempt_s"] == (1.5, 3.5)
+    assert "10 of 20 (50.0%)" in render_escalation(c)

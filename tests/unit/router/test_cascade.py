@@ -13,7 +13,7 @@ import pytest
 
 from decoding.backend import BackendInfo, FinishEvent
 from decoding.constraint import JsonSchema, NoConstraint, ToolCalls, ToolSpec
-from decoding.types import GenerationRequest, SamplingParams, TokenEvent
+from decoding.types import GenerationRequest, HintStats, SamplingParams, TokenEvent
 from router.confidence import EarlyFallback
 from router.deferral import DeferralRule, LogisticModel
 from router.pre import PreRouter
@@ -341,3 +341,67 @@ async def test_request_record_sums_attempts() -> None:
     assert failed.status == 502
     assert failed.error_type == "upstream_error"
     assert not failed.succeeded
+
+
+class Verifying(Scripted):
+    """A tier that verifies draft hints: it reports the hint's leading characters it shares."""
+
+    supports_draft_hint = True
+
+    async def generate(
+        self, req: GenerationRequest, prepared: Any = None
+    ) -> AsyncIterator[TokenEvent | FinishEvent]:
+        async for event in super().generate(req, prepared):
+            if isinstance(event, FinishEvent) and req.draft_hint:
+                own = "".join(text for text, _ in self.pieces)
+                shared = next((i for i, (a, b) in enumerate(zip(own, req.draft_hint, strict=False))
+                               if a != b), min(len(own), len(req.draft_hint)))  # fmt: skip
+                event = FinishEvent(0, "stop", "", 10, hint=HintStats(len(req.draft_hint),
+                                                                      shared, 1))  # fmt: skip
+            yield event
+
+
+async def test_escalation_hands_the_slm_answer_to_the_llm_as_a_draft() -> None:
+    slm = Scripted("slm", "slm", tokens('{"a": 1}', 0.3))
+    llm = Verifying("llm", "llm", tokens('{"a": 2}', 0.99))
+    request = req(SCHEMA)
+    answer, trace = await run(Router({"slm": slm, "llm": llm}, {}), CASCADE, request)
+    assert answer.backend.name == "llm"
+    assert llm.seen[-1].draft_hint == '{"a": 1}'
+    assert not slm.seen[-1].draft_hint  # the first tier has nothing to verify
+    first, second = trace.attempts
+    assert (first.hint_mode, first.hint_reused) == (None, None)
+    assert (second.hint_mode, second.hint_drafted, second.hint_reused) == ("verified", 8, 6)
+    record = request_record(trace, request, answer=answer)
+    assert record.attempts[1].hint_reused == 6
+
+
+async def test_a_tier_that_cannot_verify_regenerates_and_says_so() -> None:
+    slm = Scripted("slm", "slm", tokens('{"a": 1}', 0.3))
+    llm = Scripted("llm", "llm", tokens('{"a": 2}', 0.99))  # no supports_draft_hint
+    _, trace = await run(Router({"slm": slm, "llm": llm}, {}), CASCADE, req(SCHEMA))
+    assert not llm.seen[-1].draft_hint
+    assert trace.attempts[1].hint_mode == "regenerated"
+    assert trace.attempts[1].hint_reused is None
+
+
+async def test_verify_escalation_off_hands_nothing_over() -> None:
+    slm = Scripted("slm", "slm", tokens('{"a": 1}', 0.3))
+    llm = Verifying("llm", "llm", tokens('{"a": 2}', 0.99))
+    route = Route("auto", ("slm", "llm"), policy="cascade", threshold=0.5,
+                  early_fallback=EarlyFallback(enabled=False), verify_escalation=False)  # fmt: skip
+    _, trace = await run(Router({"slm": slm, "llm": llm}, {}), route, req(SCHEMA))
+    assert not llm.seen[-1].draft_hint
+    assert trace.attempts[1].hint_mode is None
+
+
+async def test_a_resampled_last_tier_gets_no_hint_of_its_own() -> None:
+    slm = Scripted("slm", "slm", tokens('{"a": "y"}', 0.9))  # invalid: escalated
+    llm = Verifying("llm", "llm", tokens('{"a": "x"}', 0.99))  # invalid: resampled
+    route = Route("auto", ("slm", "llm"), policy="cascade", threshold=0.5, max_resamples=1,
+                  early_fallback=EarlyFallback(enabled=False))  # fmt: skip
+    _, trace = await run(Router({"slm": slm, "llm": llm}, {}), route, req(SCHEMA))
+    assert [(a.backend, a.outcome, a.hint_mode) for a in trace.attempts] == [
+        ("slm", "escalated", None), ("llm", "resampled", "verified"), ("llm", "accepted", None)]
+    assert llm.seen[0].draft_hint == '{"a": "y"}'  # the escalation verified the SLM's answer
+    assert llm.seen[-1].draft_hint == ""  # the resample draws afresh

@@ -34,6 +34,7 @@ STATS_KEYS = {
     "counterfactual_cost_usd",
     "savings_usd", "schema_validity_rate", "executable_call_rate", "fallback_rate",
     "fallback_reasons", "latency_s", "ttft_s", "by_tier", "speculation", "energy", "series",
+    "verified_escalation",
 }  # fmt: skip
 SERIES_KEYS = {"start", "end", "requests", "tasks", "successful_tasks", "cost_usd", "cps_usd",
                "success_rate"}  # fmt: skip
@@ -103,7 +104,8 @@ def dataset() -> list[RequestRecord]:
                               completion_tokens=20, cost_usd=0.001, fallback_reason="invalid",
                               energy_j=1.0, energy_measured=True, confidence=0.3),
                           att("a2", 1, "llm", prompt_tokens=100, completion_tokens=20,
-                              cost_usd=0.02, confidence=0.8)],
+                              cost_usd=0.02, confidence=0.8, hint_mode="verified",
+                              hint_drafted=16, hint_reused=12)],
             task_id="A", latency_s=3.0, ttft_s=0.3, schema_valid=True, fallback=True,
             fallback_reason="invalid", tier="llm", counterfactual_cost_usd=0.02),
         req("b1", 930.0, [att("b1", 0, "slm", prompt_tokens=50, completion_tokens=5,
@@ -117,7 +119,8 @@ def dataset() -> list[RequestRecord]:
                               cost_usd=0.0008, fallback_reason="low_confidence", confidence=0.1),
                           att("c1", 1, "llm", prompt_tokens=80, completion_tokens=8,
                               cost_usd=0.016, spec_drafted=20, spec_accepted=15, spec_steps=5,
-                              signals={"mean_entropy": 0.1}, confidence=0.95)],
+                              hint_mode="regenerated", signals={"mean_entropy": 0.1},
+                              confidence=0.95)],
             latency_s=4.0, ttft_s=0.2, schema_valid=True, executable=False, fallback=True,
             fallback_reason="low_confidence", tier="llm", counterfactual_cost_usd=0.016),
         req("d1", 850.0, [att("d1", 0, "slm", prompt_tokens=10, completion_tokens=1,
@@ -456,6 +459,9 @@ def test_stats_window_every_field(ledger: Ledger) -> None:
         },
         "speculation": {"drafted": 30, "accepted": 21, "steps": 9, "acceptance_rate": 0.7,
                         "mean_accepted_length": 21 / 9},
+        # a2's LLM verified the SLM's answer (12 of its 20 tokens reused); c1's regenerated
+        "verified_escalation": {"verified": 1, "regenerated": 1, "drafted_tokens": 16,
+                                "reused_tokens": 12, "reused_share": 0.6},
         "energy": {"joules": 4.5, "joules_per_request": 1.5, "measured": False},
         "series": [  # tasks on the headline basis (reported): B is not in it
             {"start": 900.0, "end": 925.0, "requests": 2, "tasks": 1, "successful_tasks": 0,
@@ -541,6 +547,7 @@ def test_stats_empty_ledger(ledger: Ledger) -> None:
     assert (stats["cps_basis"], stats["cps_usd"], stats["savings_usd"]) == ("inferred", None, None)
     assert stats["latency_s"] == {"p50": None, "p95": None}
     assert stats["speculation"]["acceptance_rate"] is None
+    assert stats["verified_escalation"]["reused_share"] is None
     windowed = ledger.stats(60, None, buckets=3, now=10.0)
     assert [(r["start"], r["end"], r["requests"]) for r in windowed["series"]] == [
         (-50.0, -30.0, 0), (-30.0, -10.0, 0), (-10.0, 10.0, 0)

@@ -14,6 +14,7 @@ import spec
 
 MODULES = [
     "spec.draft",
+    "spec.hint",
     "spec.ngram_table",
     "spec.simulate",
     "spec.stand",
