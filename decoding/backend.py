@@ -54,6 +54,9 @@ class FinishEvent:
     # engine has one worker, so this is exclusive time. 0.0: not measured (remote backends).
     compute_s: float = 0.0
     hint: HintStats | None = None  # set when the request carried a draft hint it verified
+    # The stop string that ended the choice (vLLM's ``stop_reason``); None: an end-of-turn
+    # token, a grammar's end, or a length cut. Embedded engines only.
+    stop_string: str | None = None
 
 
 class Backend(Protocol):
@@ -80,6 +83,7 @@ def collect(events: Sequence[TokenEvent | FinishEvent], model: str) -> Generatio
             choice.finish_reason = event.reason
             choice.spec = event.spec
             choice.hint = event.hint
+            choice.stop_string = event.stop_string
             prompt_tokens = prompt_tokens or event.prompt_tokens
             cached_tokens = event.cached_tokens if cached_tokens is None else cached_tokens
             compute_s += event.compute_s

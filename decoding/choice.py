@@ -222,7 +222,9 @@ class ChoiceDecoder:
     def _finish(self, result: WalkResult, reason: FinishReason, flush: bool = True) -> None:
         released, hit = self.stops.push(self.detok.flush()) if flush else ("", True)
         text = released if hit else released + self.stops.flush()
-        result.events.append(FinishEvent(self.index, reason, text, self.n_prompt))
+        result.events.append(
+            FinishEvent(self.index, reason, text, self.n_prompt, stop_string=self.stops.hit)
+        )
         result.finished = True
 
     def close(self) -> None:

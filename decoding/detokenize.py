@@ -53,6 +53,7 @@ class StopStrings:
     def __init__(self, stops: tuple[str, ...] | list[str]):
         self._stops = [s for s in stops if s]
         self._held = ""
+        self.hit: str | None = None  # the stop string that ended the text, once one did
 
     def push(self, text: str) -> tuple[str, bool]:
         """Returns (text to release now, whether a stop string was hit)."""
@@ -61,7 +62,7 @@ class StopStrings:
         buffer = self._held + text
         hits = [(buffer.find(s), s) for s in self._stops if s in buffer]
         if hits:
-            at = min(pos for pos, _ in hits)
+            at, self.hit = min(hits)
             self._held = ""
             return buffer[:at], True
         keep = 0

@@ -254,6 +254,8 @@ class EmbeddedEngine:
         """The prompt's token ids and the most tokens it leaves room for, or a 400."""
         prompt_ids = render_prompt(self.tokenizer, list(req.messages), list(req.tools))
         prompt_ids += req.continue_ids
+        if req.continue_text:
+            prompt_ids += self.tokenizer.encode(req.continue_text, add_special_tokens=False)
         cap = self.config.max_prompt_tokens
         if cap is not None and len(prompt_ids) > cap:
             raise ContextLengthError(

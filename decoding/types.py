@@ -72,6 +72,9 @@ class GenerationRequest:
     # Token ids the assistant turn already holds (appended after the rendered prompt; the output
     # continues them). Embedded engines only: the router probes what a model would write next.
     continue_ids: tuple[int, ...] = ()
+    # Assistant text the output continues, tokenised by the engine (after ``continue_ids``):
+    # SpecReason's steps so far. Embedded engines only.
+    continue_text: str = ""
     # Text an earlier tier wrote for this request (verified escalation, ``spec.hint``): the
     # engine verifies it as a speculative draft, so the output is still this model's own and
     # only the number of passes changes. Backends without ``supports_draft_hint`` ignore it.
@@ -148,6 +151,7 @@ class Choice:
     finish_reason: FinishReason
     spec: SpecStats | None = None
     hint: HintStats | None = None
+    stop_string: str | None = None  # the stop string that ended it (embedded engines)
 
 
 @dataclass(slots=True)

@@ -260,9 +260,14 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.what == "gsm8k":
+        from benchmarks.gsm8k_eval import main as gsm8k_main
+
+        result: int = gsm8k_main(args.rest)
+        return result
     from benchmarks.bfcl_eval import main as bfcl_main
 
-    result: int = bfcl_main(args.rest)
+    result = bfcl_main(args.rest)
     return result
 
 
@@ -317,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("rest", nargs=argparse.REMAINDER)
     rp.set_defaults(func=_replay)
 
-    ev = sub.add_parser("eval", help="evaluate routing policies: bfcl")
-    ev.add_argument("what", choices=["bfcl"])
+    ev = sub.add_parser("eval", help="evaluate routing policies: bfcl, gsm8k")
+    ev.add_argument("what", choices=["bfcl", "gsm8k"])
     ev.add_argument("rest", nargs=argparse.REMAINDER)
     ev.set_defaults(func=_eval)
 

@@ -24,6 +24,7 @@ from router.deferral import BUNDLED_RULE_PATH, DeferralRule
 from router.memory import MemoryConfig
 from router.pre import PreRouter
 from router.router import Route
+from spec.specreason import SpecReasonConfig
 
 # For requests the learned rule has no model for (free text, JSON schemas): the lowest grammar
 # agreement of the SLM's tokens, calibrated with `slmgate calibrate --target-success-rate 0.5` on
@@ -39,6 +40,8 @@ DEFAULT_ROUTES = (
     Route("auto", ("slm", "llm"), policy="cascade", signal=DEFAULT_SIGNAL,
           threshold=DEFAULT_THRESHOLD, deferral=DEFAULT_DEFERRAL),
     Route("pre", ("slm", "llm"), policy="pre"),
+    # SpecReason: the small tier writes reasoning steps, the large one scores them.
+    Route("reason", ("slm", "llm"), policy="specreason"),
 )
 
 
@@ -124,11 +127,12 @@ def route_from_mapping(data: Mapping[str, Any]) -> Route:
         "name", "tiers", "policy", "signal", "threshold", "early_fallback", "pre",
         "speculation", "stream_commit_tokens", "guided_decoding", "deferral", "memory",
         "grammar_engine", "on_invalid", "max_resamples", "abstain_probe", "verify_escalation",
+        "specreason",
     }  # fmt: skip
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"route {data.get('name')!r}: unknown keys {sorted(unknown)}")
-    nested = {"early_fallback", "pre", "deferral", "memory"}
+    nested = {"early_fallback", "pre", "deferral", "memory", "specreason"}
     kwargs: dict[str, Any] = {k: data[k] for k in known & set(data) - nested}
     if "deferral" in data:  # a file, or "default": the rule the default cascade ships with
         deferral = data["deferral"]
@@ -137,6 +141,8 @@ def route_from_mapping(data: Mapping[str, Any]) -> Route:
         )
     if "memory" in data:
         kwargs["memory"] = MemoryConfig(**data["memory"])
+    if "specreason" in data:
+        kwargs["specreason"] = SpecReasonConfig(**data["specreason"])
     kwargs["tiers"] = tuple(data["tiers"])
     if "early_fallback" in data:
         kwargs["early_fallback"] = EarlyFallback(**data["early_fallback"])

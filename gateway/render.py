@@ -115,6 +115,7 @@ def slmgate_facts(answer: Answer) -> dict[str, Any]:
             }
             for a in answer.attempts
         ],
+        "specreason": answer.reasoning,  # steps, who wrote them, their scores (specreason)
         "reused_tokens": sum(a.hint_reused or 0 for a in answer.attempts
                              if a.outcome == "accepted"),  # from an earlier tier's answer
         "speculation": None if not specs else {

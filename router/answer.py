@@ -80,6 +80,8 @@ class Answer:
     # The counterfactual is an estimate from a compute-priced top tier's measured cost per token
     # (it did not answer this request itself).
     counterfactual_estimated: bool = False
+    # A ``specreason`` answer's steps: who wrote each, the scores (``ReasoningTrace.summary``).
+    reasoning: dict[str, Any] | None = None
 
     @property
     def valid(self) -> bool:

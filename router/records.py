@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 AttemptOutcome = Literal[
-    "accepted", "escalated", "aborted", "error", "cancelled", "resampled", "rejected", "probe"
+    "accepted", "escalated", "aborted", "error", "cancelled", "resampled", "rejected", "probe",
+    "judge",
 ]
 
 
@@ -24,7 +25,9 @@ class AttemptRecord:
     by a client disconnect or a deadline; ``error`` says which), ``resampled`` (finished but
     invalid, so the same tier sampled again), ``rejected`` (finished but invalid, and the
     request failed with ``invalid_output`` rather than return it), ``probe`` (a short
-    unconstrained continuation of another attempt's output, ``router.abstain``). Every outcome
+    unconstrained continuation of another attempt's output, ``router.abstain``), ``judge`` (the
+    top tier scoring a reasoning step, ``router.specreason``; the score in its signals). A
+    ``specreason`` request books one ``accepted`` attempt per kept step. Every outcome
     carries the tokens
     the attempt consumed up to its end, and their cost.
     """

@@ -12,11 +12,16 @@ from router.deferral import DeferralRule
 from router.invalid import DEFAULT_MAX_RESAMPLES, MAX_RESAMPLES, ON_INVALID, OnInvalid
 from router.memory import MemoryConfig
 from router.pre import PreRouter
+from spec.specreason import SpecReasonConfig
 
 # shadow: the top tier answers, the first tier answers the same request in the background
 # (``router.shadow``).
-Policy = Literal["single", "cascade", "pre", "pre_cascade", "shadow"]
-POLICIES: tuple[Policy, ...] = ("single", "cascade", "pre", "pre_cascade", "shadow")
+# specreason: the first tier writes reasoning steps, the top tier scores each and rewrites the
+# ones it scores low (``router.specreason``).
+Policy = Literal["single", "cascade", "pre", "pre_cascade", "shadow", "specreason"]
+POLICIES: tuple[Policy, ...] = (
+    "single", "cascade", "pre", "pre_cascade", "shadow", "specreason",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,7 @@ class Route:
     # answer is still its own (greedy: token for token) and only the passes change. Backends
     # that cannot (remote servers) regenerate, and the ledger says so.
     verify_escalation: bool = True
+    specreason: SpecReasonConfig = field(default_factory=SpecReasonConfig)
 
     def __post_init__(self) -> None:
         if not self.tiers:

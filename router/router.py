@@ -47,6 +47,7 @@ from router.cost import ComputeRate
 from router.energy import EnergyMeter
 from router.memory import EscalationMemory, MemoryStore, answer_text, with_demonstrations
 from router.route import POLICIES, Policy, Route
+from router.specreason import fits, run_specreason
 from router.tier_loop import is_caller_error, run_tiers
 from schemas.errors import ContextLengthError, NotFoundError, OverloadedError
 
@@ -74,6 +75,13 @@ class Router:
             missing = [t for t in route.tiers if t not in backends]
             if missing:
                 raise ValueError(f"route {route.name!r} names unknown backends {missing}")
+            unable = [t for t in (route.tiers[0], route.tiers[-1])
+                      if not getattr(backends[t], "supports_continuation", False)]  # fmt: skip
+            if route.policy == "specreason" and unable:
+                raise ValueError(
+                    f"route {route.name!r}: specreason needs tiers that continue a partial "
+                    f"answer (embedded models); {unable} cannot"
+                )
         self.backends = backends
         self.routes = routes
         self.energy = energy
@@ -143,8 +151,8 @@ class Router:
     ) -> tuple[int, str | None, int]:
         """(first tier, why earlier tiers are skipped, last tier a too-long prompt may reach)."""
         start, skip = 0, None
-        if route.policy == "shadow":
-            top = len(route.tiers) - 1
+        if route.policy == "shadow" or (route.policy == "specreason" and not fits(req)):
+            top = len(route.tiers) - 1  # specreason: structured or n > 1, the top tier alone
             return top, None, top
         if route.policy in ("pre", "pre_cascade"):
             small_ok, score = route.pre.small_is_enough(req)
@@ -213,6 +221,9 @@ class Router:
     ) -> AsyncGenerator[TokenEvent | FinishEvent | Answer, None]:
         backends = [self.backends[name] for name in plan.route.tiers]
         req = self.with_route_settings(plan.route, req)
+        if plan.route.policy == "specreason" and plan.start == 0:
+            return run_specreason(plan, req, trace, backends, self.energy, streaming=streaming,
+                                  rates=self.compute_rates)  # fmt: skip
         return run_tiers(plan, req, trace, backends, self.energy, streaming=streaming,
                          rates=self.compute_rates)  # fmt: skip
 

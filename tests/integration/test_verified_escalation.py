@@ -119,3 +119,30 @@ def test_hint_under_sampling_keeps_the_seeded_output(verifier: EmbeddedEngine) -
     own = run(verifier, case, hint="The sky", **params)
     other = run(verifier, case, hint=run(verifier, case).text, **params)
     assert own.token_ids == other.token_ids
+
+
+async def test_a_cascade_escalation_verifies_and_answers_as_the_top_tier_alone(
+    verifier: EmbeddedEngine, slm: EmbeddedEngine
+) -> None:
+    """Through the router: SmolLM2 answers, the route escalates everything (threshold 1.0),
+    and the verifier's answer equals what it says alone; the ledger row counts reused tokens."""
+    from router.confidence import EarlyFallback
+    from router.router import Route, Router, Trace
+
+    backends = {"small": slm, "big": verifier}
+    escalate_all = Route("esc", ("small", "big"), policy="cascade", signal="mean_prob",
+                         threshold=1.0, early_fallback=EarlyFallback(enabled=False))  # fmt: skip
+    router = Router(backends, {"esc": escalate_all})
+    for case in CASES:
+        _, prompt, constraint, tools = case
+        req = GenerationRequest(user(prompt), SamplingParams(temperature=0, max_tokens=96),
+                                constraint, tools, request_id="r", task_id="t")  # fmt: skip
+        trace = Trace("r", "esc", "t")
+        answer = await router.complete(router.plan(escalate_all, req, trace), req, trace)
+        alone = run(verifier, case, max_tokens=96, logprobs=False)
+        assert answer.backend.name == verifier.info.name
+        assert answer.result.choices[0].token_ids == alone.token_ids
+        small, big = trace.attempts[0], trace.attempts[-1]
+        assert (small.outcome, big.outcome, big.hint_mode) == ("escalated", "accepted", "verified")
+        assert big.hint_reused is not None
+        assert 0 <= big.hint_reused <= (big.hint_drafted or 0)

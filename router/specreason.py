@@ -1,0 +1,199 @@
+"""The ``specreason`` policy: the small tier writes each reasoning step, the top tier scores it.
+
+Per step: the first tier continues the answer so far up to a blank line (``STEP_SEPARATOR``) or
+``step_tokens``; the top tier reads a judging prompt and answers one digit under a grammar
+that allows only digits, and the expected digit under its distribution is the step's score
+(``spec.specreason.digit_score``); a step scoring under the route's threshold is written again
+by the top tier, from the same point. The step the small tier ends its answer with (an
+end-of-turn rather than a blank line) is the final one: with ``final_by: llm`` the top tier
+writes it instead. Every call is an attempt in the trace (outcome ``judge`` for the scoring
+ones, the score in its signals); the kept steps' tokens are the answer, streamed as each step
+is kept.
+
+Requests this policy does not fit (structured outputs, ``n`` > 1) are answered by the top tier
+alone; the router sends them there (``Router._first_tier``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from dataclasses import replace
+from typing import Any
+
+from decoding.backend import FinishEvent, collect
+from decoding.constraint import NoConstraint, Regex
+from decoding.types import FinishReason, GenerationRequest, SamplingParams, TokenEvent
+from decoding.validate import check_output
+from router.answer import Answer, Plan, Trace
+from router.attempt import Attempt, Event, is_cancellation
+from router.cost import ComputeRate, compute_priced, counterfactual_cost
+from router.energy import EnergyMeter
+from router.records import AttemptOutcome
+from router.tier_loop import observe_rate
+from spec.specreason import (
+    STEP_SEPARATOR,
+    ReasoningTrace,
+    Step,
+    digit_score,
+    joined,
+    judge_messages,
+)
+
+DIGITS = Regex("[0-9]")
+
+
+def fits(req: GenerationRequest) -> bool:
+    """Whether a request is free-text reasoning this policy can run (one choice, no schema)."""
+    return isinstance(req.constraint, NoConstraint) and req.params.n == 1 and not req.tools
+
+
+def step_request(req: GenerationRequest, steps: Sequence[str], budget: int, final: bool
+                 ) -> GenerationRequest:  # fmt: skip
+    """The caller's request continuing the answer after ``steps``: one step (up to a blank line)
+    within ``budget`` tokens, or with ``final`` the rest of the answer."""
+    prefix = joined(steps) + STEP_SEPARATOR if steps else ""
+    stops = req.params.stop if final else (*req.params.stop, STEP_SEPARATOR)[-4:]
+    params = replace(req.params, max_tokens=budget, stop=tuple(stops), n=1, token_budget=None)
+    return replace(req, params=params, continue_text=prefix, draft_hint="")
+
+
+def judge_request(req: GenerationRequest, steps: Sequence[str], step: str) -> GenerationRequest:
+    """One digit from the top tier, its distribution over the digits returned."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=10)
+    return GenerationRequest(
+        judge_messages(req.messages, steps, step), params, DIGITS,
+        request_id=req.request_id, task_id=req.task_id, speculation="none",
+    )  # fmt: skip
+
+
+async def run_specreason(
+    plan: Plan,
+    req: GenerationRequest,
+    trace: Trace,
+    backends: Sequence[Any],
+    energy: EnergyMeter | None = None,
+    *,
+    streaming: bool,
+    rates: dict[str, ComputeRate] | None = None,
+) -> AsyncGenerator[Event | Answer, None]:
+    """Run the policy to an answer (the last item); streaming, each kept step's token events
+    come first, as it is kept."""
+    route = plan.route
+    small, top = backends[0], backends[-1]
+    reasoning = ReasoningTrace(route.specreason)
+    budget = req.params.max_tokens or req.params.token_budget or top.info.context_length
+    kept_events: list[TokenEvent] = []
+    prompt_tokens = 0
+    finish: FinishReason = "stop"
+
+    async def call(backend: Any, sub: GenerationRequest) -> Attempt:
+        att = Attempt(route, backend, trace, backend is top, energy)
+        try:
+            async with aclosing(att.run(sub, None, prepare=True)) as events:
+                async for _ in events:
+                    pass
+        except BaseException as exc:
+            outcome: AttemptOutcome = "cancelled" if is_cancellation(exc) else "error"
+            att.book(outcome, sub, error=exc)
+            raise
+        return att
+
+    while True:
+        left = budget - sum(s.tokens for s in reasoning.steps)
+        if left <= 0:
+            finish = "length"
+            break
+        steps = reasoning.texts
+        by_top = reasoning.finishing
+        draft_req = step_request(req, steps, min(route.specreason.step_tokens, left), by_top)
+        writer = await call(top if by_top else small, draft_req)
+        choice = writer.result.choices[0] if writer.result else None
+        assert choice is not None
+        last = choice.stop_string is None  # an end of turn or a length cut: the answer ends
+        score: float | None = None
+        if not by_top and last and route.specreason.final_by == "llm":
+            writer.book("escalated", draft_req, reason="final_step")
+            kept = False
+        elif not by_top:
+            step = writer.book("accepted", draft_req)  # booked in the order run; judged next
+            judge = judge_request(req, steps, choice.text)
+            judged = await call(top, judge)
+            score = digit_score(_top_digits(judged))
+            judged.signals["step_score"] = -1.0 if score is None else score
+            judged.book("judge", judge)
+            kept = reasoning.keeps(score)
+            step.signals["step_score"] = judged.signals["step_score"]
+            if not kept:
+                step.outcome, step.fallback_reason = "escalated", "low_score"
+        else:
+            writer.book("accepted", draft_req)
+            kept = True
+        observe_rate(rates, writer)
+        if not kept:  # the top tier writes this step (the final one: to the end)
+            final = last and route.specreason.final_by == "llm"
+            rewrite_req = step_request(req, steps, min(route.specreason.step_tokens * (
+                8 if final else 1), left), final)  # fmt: skip
+            writer = await call(top, rewrite_req)
+            writer.book("accepted", rewrite_req)
+            observe_rate(rates, writer)
+            choice = writer.result.choices[0] if writer.result else None
+            assert choice is not None
+            last = choice.stop_string is None
+        assert writer.result is not None
+        prompt_tokens = prompt_tokens or writer.result.prompt_tokens
+        events = [e for e in choice.events]
+        if reasoning.steps and events:  # the blank line between steps
+            events[0] = replace(events[0], text=STEP_SEPARATOR + events[0].text)
+        reasoning.steps.append(Step("llm" if writer.backend is top else "slm", choice.text,
+                                    len(choice.token_ids), score))  # fmt: skip
+        kept_events.extend(events)
+        if streaming:
+            for event in events:
+                yield event
+        if last:
+            finish = choice.finish_reason
+            break
+    end = FinishEvent(0, finish, "", prompt_tokens)
+    if streaming:
+        yield end
+    yield answer_of(reasoning, [*kept_events, end], req, trace, (small, top), rates)
+
+
+def _top_digits(att: Attempt) -> list[tuple[str, float]]:
+    """The judge's top tokens (text, log-probability) at its one position."""
+    if att.result is None or not att.result.choices or not att.result.choices[0].events:
+        return []
+    event = att.result.choices[0].events[0]
+    top = [(t.token, t.logprob) for t in event.top_logprobs]
+    return top or [(att.result.choices[0].text, event.logprob)]
+
+
+def answer_of(
+    reasoning: ReasoningTrace, events: list[Event], req: GenerationRequest, trace: Trace,
+    tiers: tuple[Any, Any], rates: dict[str, ComputeRate] | None,
+) -> Answer:  # fmt: skip
+    """The kept steps as one answer, attributed to the top tier when it wrote any of it, else to
+    the small one (its counterfactual: the same tokens priced at the top tier)."""
+    small, top = tiers
+    result = collect(events, top.info.name)
+    cost = sum(a.cost_usd for a in trace.attempts)
+    wrote = any(s.author == "llm" for s in reasoning.steps)
+    rate = None if rates is None else rates.get(top.info.name)
+    known = counterfactual_cost(top.info, result.prompt_tokens, result.completion_tokens, None,
+                                rate)  # fmt: skip
+    summary = reasoning.summary()
+    scores = [s for s, _ in reasoning.judged if s is not None]
+    signals = {"steps": float(len(reasoning.steps)),
+               "step_acceptance": summary["acceptance_rate"] or 0.0}  # fmt: skip
+    if scores:
+        signals["mean_step_score"] = sum(scores) / len(scores)
+    backend = top.info if wrote else small.info
+    answer = Answer(
+        result, [check_output(req.constraint, result.choices[0].text)], backend,
+        trace.route, cost, cost if known is None else known, None, signals,
+        "low_score" if any(not k for _, k in reasoning.judged) else None, trace.attempts,
+        counterfactual_estimated=known is not None and compute_priced(top.info),
+    )  # fmt: skip
+    answer.reasoning = summary
+    return answer
