@@ -1,8 +1,9 @@
 """The ``specreason`` policy: the small tier writes each reasoning step, the top tier scores it.
 
-Per step: the first tier continues the answer so far up to a blank line (``STEP_SEPARATOR``) or
-``step_tokens``; the top tier reads a judging prompt and answers one digit under a grammar
-that allows only digits, and the expected digit under its distribution is the step's score
+Per step: the first tier continues the answer so far up to the route's step ``separator`` (a
+new line by default) or ``step_tokens``; the top tier reads a judging prompt and answers one
+digit under a grammar that allows only digits, and the expected digit under its distribution
+is the step's score
 (``spec.specreason.digit_score``); a step scoring under the route's threshold is written again
 by the top tier, from the same point. The step the small tier ends its answer with (an
 end-of-turn rather than a blank line) is the final one: with ``final_by: llm`` the top tier
@@ -23,7 +24,7 @@ from typing import Any
 
 from decoding.backend import FinishEvent, collect
 from decoding.constraint import NoConstraint, Regex
-from decoding.types import FinishReason, GenerationRequest, SamplingParams, TokenEvent
+from decoding.types import Choice, FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from decoding.validate import check_output
 from router.answer import Answer, Plan, Trace
 from router.attempt import Attempt, Event, is_cancellation
@@ -32,7 +33,6 @@ from router.energy import EnergyMeter
 from router.records import AttemptOutcome
 from router.tier_loop import observe_rate
 from spec.specreason import (
-    STEP_SEPARATOR,
     ReasoningTrace,
     Step,
     digit_score,
@@ -48,21 +48,22 @@ def fits(req: GenerationRequest) -> bool:
     return isinstance(req.constraint, NoConstraint) and req.params.n == 1 and not req.tools
 
 
-def step_request(req: GenerationRequest, steps: Sequence[str], budget: int, final: bool
-                 ) -> GenerationRequest:  # fmt: skip
-    """The caller's request continuing the answer after ``steps``: one step (up to a blank line)
-    within ``budget`` tokens, or with ``final`` the rest of the answer."""
-    prefix = joined(steps) + STEP_SEPARATOR if steps else ""
-    stops = req.params.stop if final else (*req.params.stop, STEP_SEPARATOR)[-4:]
+def step_request(req: GenerationRequest, steps: Sequence[str], budget: int, final: bool,
+                 separator: str) -> GenerationRequest:  # fmt: skip
+    """The caller's request continuing the answer after ``steps``: one step (up to the
+    ``separator``) within ``budget`` tokens, or with ``final`` the rest of the answer."""
+    prefix = joined(steps, separator) + separator if steps else ""
+    stops = req.params.stop if final else (*req.params.stop[:3], separator)
     params = replace(req.params, max_tokens=budget, stop=tuple(stops), n=1, token_budget=None)
     return replace(req, params=params, continue_text=prefix, draft_hint="")
 
 
-def judge_request(req: GenerationRequest, steps: Sequence[str], step: str) -> GenerationRequest:
+def judge_request(req: GenerationRequest, steps: Sequence[str], step: str, separator: str
+                  ) -> GenerationRequest:  # fmt: skip
     """One digit from the top tier, its distribution over the digits returned."""
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=10)
     return GenerationRequest(
-        judge_messages(req.messages, steps, step), params, DIGITS,
+        judge_messages(req.messages, steps, step, separator), params, DIGITS,
         request_id=req.request_id, task_id=req.task_id, speculation="none",
     )  # fmt: skip
 
@@ -99,6 +100,8 @@ async def run_specreason(
             raise
         return att
 
+    cfg = route.specreason
+    pending = 0  # separators owed before the next kept text (the step requests stop at them)
     while True:
         left = budget - sum(s.tokens for s in reasoning.steps)
         if left <= 0:
@@ -106,18 +109,20 @@ async def run_specreason(
             break
         steps = reasoning.texts
         by_top = reasoning.finishing
-        draft_req = step_request(req, steps, min(route.specreason.step_tokens, left), by_top)
+        draft_req = step_request(req, steps, min(cfg.step_tokens, left), by_top, cfg.separator)
         writer = await call(top if by_top else small, draft_req)
-        choice = writer.result.choices[0] if writer.result else None
-        assert choice is not None
-        last = choice.stop_string is None  # an end of turn or a length cut: the answer ends
+        choice = _only_choice(writer)
+        last = ends(choice, left, cfg.separator)
         score: float | None = None
-        if not by_top and last and route.specreason.final_by == "llm":
+        kept = True
+        if by_top or not choice.text.strip():  # the top tier's own, or a blank line: kept
+            writer.book("accepted", draft_req)
+        elif last and cfg.final_by == "llm":
             writer.book("escalated", draft_req, reason="final_step")
             kept = False
-        elif not by_top:
+        else:
             step = writer.book("accepted", draft_req)  # booked in the order run; judged next
-            judge = judge_request(req, steps, choice.text)
+            judge = judge_request(req, steps, choice.text, cfg.separator)
             judged = await call(top, judge)
             score = digit_score(_top_digits(judged))
             judged.signals["step_score"] = -1.0 if score is None else score
@@ -126,25 +131,22 @@ async def run_specreason(
             step.signals["step_score"] = judged.signals["step_score"]
             if not kept:
                 step.outcome, step.fallback_reason = "escalated", "low_score"
-        else:
-            writer.book("accepted", draft_req)
-            kept = True
         observe_rate(rates, writer)
         if not kept:  # the top tier writes this step (the final one: to the end)
-            final = last and route.specreason.final_by == "llm"
-            rewrite_req = step_request(req, steps, min(route.specreason.step_tokens * (
-                8 if final else 1), left), final)  # fmt: skip
+            final = last and cfg.final_by == "llm"
+            tokens = min(cfg.step_tokens * (8 if final else 1), left)
+            rewrite_req = step_request(req, steps, tokens, final, cfg.separator)
             writer = await call(top, rewrite_req)
             writer.book("accepted", rewrite_req)
             observe_rate(rates, writer)
-            choice = writer.result.choices[0] if writer.result else None
-            assert choice is not None
-            last = choice.stop_string is None
-        assert writer.result is not None
-        prompt_tokens = prompt_tokens or writer.result.prompt_tokens
-        events = [e for e in choice.events]
-        if reasoning.steps and events:  # the blank line between steps
-            events[0] = replace(events[0], text=STEP_SEPARATOR + events[0].text)
+            choice = _only_choice(writer)
+            last = ends(choice, left, cfg.separator)
+        events = list(choice.events)
+        pending += 1 if reasoning.steps else 0
+        if pending and events:
+            events[0] = replace(events[0], text=cfg.separator * pending + events[0].text)
+            pending = 0
+        prompt_tokens = prompt_tokens or _prompt_tokens(writer)
         reasoning.steps.append(Step("llm" if writer.backend is top else "slm", choice.text,
                                     len(choice.token_ids), score))  # fmt: skip
         kept_events.extend(events)
@@ -158,6 +160,23 @@ async def run_specreason(
     if streaming:
         yield end
     yield answer_of(reasoning, [*kept_events, end], req, trace, (small, top), rates)
+
+
+def ends(choice: Choice, left: int, separator: str) -> bool:
+    """Whether a step ends the answer: it stopped at an end of turn or a caller's stop string,
+    or used up the request's tokens. A step cut at ``step_tokens`` is a long step, not the end."""
+    if choice.finish_reason == "length":
+        return len(choice.token_ids) >= left
+    return choice.stop_string != separator
+
+
+def _only_choice(att: Attempt) -> Choice:
+    assert att.result is not None, "a finished attempt has its result"
+    return att.result.choices[0]
+
+
+def _prompt_tokens(att: Attempt) -> int:
+    return att.result.prompt_tokens if att.result is not None else 0
 
 
 def _top_digits(att: Attempt) -> list[tuple[str, float]]:

@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 __all__ = [
     "JUDGE_SYSTEM",
-    "STEP_SEPARATOR",
     "ReasoningTrace",
     "SpecReasonConfig",
     "Step",
@@ -25,9 +24,6 @@ __all__ = [
     "joined",
     "judge_messages",
 ]
-
-# Steps end at a blank line: the small model's step request stops there.
-STEP_SEPARATOR = "\n\n"
 
 JUDGE_SYSTEM = (
     "You check one step of a solution at a time. Reply with a single digit from 0 to 9: 9 when "
@@ -40,12 +36,18 @@ Author = Literal["slm", "llm"]
 @dataclass(frozen=True, slots=True)
 class SpecReasonConfig:
     """A ``specreason`` route's settings: ``threshold`` (a step whose expected score is below
-    it is rewritten by the large model; 7 as in the paper), ``step_tokens`` (the most tokens one
-    step may take), ``max_steps`` (after that many steps the large model finishes alone), and
-    ``final_by`` (who writes the last step, the one with the answer)."""
+    it is rewritten by the large model; 7 as in the paper), ``separator`` (where a step ends:
+    a step request stops there), ``step_tokens`` (the most tokens one step may take),
+    ``max_steps`` (after that many steps the large model finishes alone), and ``final_by`` (who
+    writes the last step, the one with the answer).
+
+    The paper splits at blank lines, which reasoning models write between steps; the small
+    instruct models here write one step per line and rarely a blank line (measured on GSM8K:
+    the 1.5B's whole solution came back as one "step"), so a line is a step by default."""
 
     threshold: float = 7.0
-    step_tokens: int = 128
+    separator: str = "\n"
+    step_tokens: int = 96
     max_steps: int = 24
     final_by: Author = "llm"
 
@@ -54,6 +56,8 @@ class SpecReasonConfig:
             raise ValueError("specreason threshold must be in [0, 9]")
         if self.step_tokens < 1 or self.max_steps < 1:
             raise ValueError("specreason step_tokens and max_steps must be >= 1")
+        if not self.separator:
+            raise ValueError("specreason separator must not be empty")
         if self.final_by not in ("slm", "llm"):
             raise ValueError("specreason final_by must be 'slm' or 'llm'")
 
@@ -79,17 +83,17 @@ def digit_score(top: Iterable[tuple[str, float]]) -> float | None:
     return math.fsum(d * p for d, p in mass.items()) / total
 
 
-def joined(steps: Sequence[str]) -> str:
-    """The solution text so far: its steps separated by blank lines.
+def joined(steps: Sequence[str], separator: str) -> str:
+    """The solution text so far: its steps, separated.
 
-    >>> joined(["a", "b"])
-    'a\\n\\nb'
+    >>> joined(["a", "b"], "\\n")
+    'a\\nb'
     """
-    return STEP_SEPARATOR.join(steps)
+    return separator.join(steps)
 
 
 def judge_messages(
-    messages: Sequence[dict[str, Any]], steps: Sequence[str], step: str
+    messages: Sequence[dict[str, Any]], steps: Sequence[str], step: str, separator: str = "\n"
 ) -> tuple[dict[str, Any], ...]:
     """The large model's judging prompt for ``step`` after ``steps``: the conversation's last
     user message is the problem. The problem and system prompt come first and stay the same
@@ -99,7 +103,7 @@ def judge_messages(
     )
     if not isinstance(problem, str):  # content parts: their text
         problem = " ".join(p.get("text", "") for p in problem or [] if isinstance(p, dict))
-    so_far = joined(steps) if steps else "(nothing yet)"
+    so_far = joined(steps, separator) if steps else "(nothing yet)"
     user = (
         f"Problem:\n{problem}\n\nSolution so far:\n{so_far}\n\nNew step:\n{step}\n\n"
         "Score the new step from 0 to 9. Reply with the digit only."

@@ -9,7 +9,7 @@ import pytest
 from decoding.engine import EmbeddedEngine
 from decoding.types import GenerationRequest, SamplingParams
 from router.router import Route, Router, Trace, request_record
-from spec.specreason import STEP_SEPARATOR, SpecReasonConfig
+from spec.specreason import SpecReasonConfig
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ async def test_specreason_answers_from_kept_steps(
     kept_texts = [a for a in trace.attempts if a.outcome == "accepted"]
     assert len(kept_texts) == len(steps)
     text = answer.result.choices[0].text
-    assert text.count(STEP_SEPARATOR) >= len(steps) - 1
+    assert text.count(route.specreason.separator) >= len(steps) - 1
     assert answer.result.completion_tokens == sum(s["tokens"] for s in steps)
     record = request_record(trace, req, answer=answer)
     assert record.completion_tokens == answer.result.completion_tokens

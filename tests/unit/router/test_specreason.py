@@ -14,7 +14,9 @@ from decoding.backend import BackendInfo, FinishEvent
 from decoding.constraint import JsonObject, Regex
 from decoding.types import GenerationRequest, SamplingParams, TokenEvent, TopLogprob
 from router.router import Route, Router, Trace, request_record
-from spec.specreason import STEP_SEPARATOR, SpecReasonConfig, digit_score, judge_messages
+from spec.specreason import SpecReasonConfig, digit_score, judge_messages
+
+SEP = SpecReasonConfig().separator
 
 
 class StepWriter:
@@ -48,15 +50,15 @@ class StepWriter:
             yield FinishEvent(0, "stop", "", 30)
             return
         self.written.append(req.continue_text)
-        done = req.continue_text.count(STEP_SEPARATOR)
-        final = done + 1 >= len(self.steps) or STEP_SEPARATOR not in req.params.stop
+        done = req.continue_text.count(SEP)
+        final = done + 1 >= len(self.steps) or SEP not in req.params.stop
         text = self.steps[min(done, len(self.steps) - 1)] if not final else " ".join(
             self.steps[done:])  # fmt: skip
         words = text.split(" ")
         for i, word in enumerate(words[: req.params.max_tokens]):
             yield TokenEvent(0, i, word if i == 0 else " " + word, -0.1, 0.1, 1.0, False)
         cut = len(words) > (req.params.max_tokens or 10**9)
-        stop = None if final or cut else STEP_SEPARATOR
+        stop = None if final or cut else SEP
         yield FinishEvent(0, "length" if cut else "stop", "", 20, stop_string=stop)
 
 
@@ -91,7 +93,7 @@ async def test_kept_and_rewritten_steps_make_the_answer() -> None:
     llm = StepWriter("llm", LLM_STEPS, scores=[SURE, UNSURE])
     answer, trace = await run(Router({"slm": slm, "llm": llm}, {}), route(), request())
     # step 1 kept (8.9), step 2 rewritten (2*0.7 + 9*0.3 = 4.1 < 7), the final one by the LLM
-    assert answer.result.choices[0].text == "3 * 4 = 12.\n\n2 + 12 = 14.\n\nThe answer is 14."
+    assert answer.result.choices[0].text == "3 * 4 = 12.\n2 + 12 = 14.\nThe answer is 14."
     assert answer.backend.name == "llm"
     steps = answer.reasoning["steps"]
     assert [s["author"] for s in steps] == ["slm", "llm", "llm"]
@@ -106,7 +108,7 @@ async def test_kept_and_rewritten_steps_make_the_answer() -> None:
     ]
     assert trace.attempts[1].signals["step_score"] == pytest.approx(8.9)
     # each step continues the steps kept before it
-    assert llm.written == ["3 * 4 = 12.\n\n", "3 * 4 = 12.\n\n2 + 12 = 14.\n\n"]
+    assert llm.written == ["3 * 4 = 12.\n", "3 * 4 = 12.\n2 + 12 = 14.\n"]
     record = request_record(trace, request(), answer=answer)
     assert record.completion_tokens == 5 + 5 + 4  # the kept steps' tokens (one per word)
     assert record.cost_usd == pytest.approx(sum(a.cost_usd for a in trace.attempts))
@@ -117,7 +119,7 @@ async def test_final_by_slm_keeps_a_well_scored_last_step() -> None:
     llm = StepWriter("llm", LLM_STEPS, scores=[SURE, SURE, SURE])
     answer, trace = await run(Router({"slm": slm, "llm": llm}, {}), route(final_by="slm"),
                               request())  # fmt: skip
-    assert answer.result.choices[0].text == STEP_SEPARATOR.join(SLM_STEPS)
+    assert answer.result.choices[0].text == SEP.join(SLM_STEPS)
     assert answer.backend.name == "slm"  # every step was the small tier's
     assert answer.fallback_reason is None
     assert [a.outcome for a in trace.attempts].count("judge") == 3
@@ -128,7 +130,7 @@ async def test_step_budget_spent_the_top_tier_finishes_alone() -> None:
     slm = StepWriter("slm", SLM_STEPS)
     llm = StepWriter("llm", LLM_STEPS, scores=[SURE])
     answer, _ = await run(Router({"slm": slm, "llm": llm}, {}), route(max_steps=1), request())
-    assert answer.result.choices[0].text == "3 * 4 = 12.\n\n2 + 12 = 14. The answer is 14."
+    assert answer.result.choices[0].text == "3 * 4 = 12.\n2 + 12 = 14. The answer is 14."
     assert [s["author"] for s in answer.reasoning["steps"]] == ["slm", "llm"]
 
 
@@ -149,7 +151,7 @@ async def test_streaming_sends_each_kept_step_and_ends_once() -> None:
     plan = router.plan(route(), req, trace)
     events = [e async for e in router.stream(plan, req, trace)]
     text = "".join(e.text for e in events)
-    assert text == "3 * 4 = 12.\n\n2 + 12 = 15.\n\nThe answer is 14."
+    assert text == "3 * 4 = 12.\n2 + 12 = 15.\nThe answer is 14."
     assert sum(isinstance(e, FinishEvent) for e in events) == 1
     assert trace.answer is not None
     assert trace.answer.result.choices[0].text == text
@@ -181,7 +183,7 @@ def test_digit_score_reads_the_expected_digit_and_ignores_other_tokens() -> None
 def test_judge_prompt_holds_the_problem_the_steps_and_the_new_step() -> None:
     messages = judge_messages([{"role": "system", "content": "be brief"},
                                {"role": "user", "content": "What is 2 + 3 * 4?"}],
-                              ["3 * 4 = 12."], "2 + 12 = 15.")  # fmt: skip
+                              ["3 * 4 = 12."], "2 + 12 = 15.", "\n")  # fmt: skip
     assert messages[0]["role"] == "system"
     user = messages[1]["content"]
     assert "What is 2 + 3 * 4?" in user
@@ -192,5 +194,19 @@ def test_judge_prompt_holds_the_problem_the_steps_and_the_new_step() -> None:
 def test_config_is_checked() -> None:
     with pytest.raises(ValueError, match="threshold"):
         SpecReasonConfig(threshold=12)
+    with pytest.raises(ValueError, match="separator"):
+        SpecReasonConfig(separator="")
     with pytest.raises(ValueError, match="final_by"):
         SpecReasonConfig(final_by="nobody")  # type: ignore[arg-type]
+
+
+async def test_a_step_cut_at_step_tokens_is_a_long_step_not_the_end() -> None:
+    slm = StepWriter("slm", SLM_STEPS)
+    llm = StepWriter("llm", LLM_STEPS, scores=[SURE, SURE, SURE])
+    answer, _ = await run(Router({"slm": slm, "llm": llm}, {}),
+                          route(step_tokens=2, final_by="slm"), request())  # fmt: skip
+    # each cut step was judged and the next went on from it; the writer then ended its turn
+    # with an empty last step, kept without a judgement
+    assert answer.result.choices[0].text == "3 *\n2 +\nThe answer\n"
+    assert answer.result.choices[0].finish_reason == "stop"
+    assert answer.reasoning["judged"] == 3
