@@ -5,7 +5,9 @@ new line by default) or ``step_tokens``; the top tier reads a judging prompt and
 digit under a grammar that allows only digits, and the expected digit under its distribution
 is the step's score
 (``spec.specreason.digit_score``); a step scoring under the route's threshold is written again
-by the top tier, from the same point. The step the small tier ends its answer with (an
+by the top tier, from the same point (verifying the small step as its draft, as a verified
+escalation does: the step is still the top tier's own, and what it shares with the small one
+costs one pass). The step the small tier ends its answer with (an
 end-of-turn rather than a blank line) is the final one: with ``final_by: llm`` the top tier
 writes it instead. Every call is an attempt in the trace (outcome ``judge`` for the scoring
 ones, the score in its signals); the kept steps' tokens are the answer, streamed as each step
@@ -20,7 +22,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from decoding.backend import FinishEvent, collect
 from decoding.constraint import NoConstraint, Regex
@@ -31,7 +33,7 @@ from router.attempt import Attempt, Event, is_cancellation
 from router.cost import ComputeRate, compute_priced, counterfactual_cost
 from router.energy import EnergyMeter
 from router.records import AttemptOutcome
-from router.tier_loop import observe_rate
+from router.tier_loop import hint_mode_of, observe_rate
 from spec.specreason import (
     ReasoningTrace,
     Step,
@@ -88,8 +90,10 @@ async def run_specreason(
     prompt_tokens = 0
     finish: FinishReason = "stop"
 
-    async def call(backend: Any, sub: GenerationRequest) -> Attempt:
+    async def call(backend: Any, sub: GenerationRequest,
+                   hint_mode: Literal["verified", "regenerated"] | None = None) -> Attempt:
         att = Attempt(route, backend, trace, backend is top, energy)
+        att.hint_mode = hint_mode
         try:
             async with aclosing(att.run(sub, None, prepare=True)) as events:
                 async for _ in events:
@@ -136,7 +140,10 @@ async def run_specreason(
             final = last and cfg.final_by == "llm"
             tokens = min(cfg.step_tokens * (8 if final else 1), left)
             rewrite_req = step_request(req, steps, tokens, final, cfg.separator)
-            writer = await call(top, rewrite_req)
+            hint_mode = hint_mode_of(choice.text if route.verify_escalation else "", top)
+            if hint_mode == "verified":  # the small step as its draft: same step, fewer passes
+                rewrite_req = replace(rewrite_req, draft_hint=choice.text)
+            writer = await call(top, rewrite_req, hint_mode)
             writer.book("accepted", rewrite_req)
             observe_rate(rates, writer)
             choice = _only_choice(writer)

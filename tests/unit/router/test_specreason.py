@@ -210,3 +210,32 @@ async def test_a_step_cut_at_step_tokens_is_a_long_step_not_the_end() -> None:
     assert answer.result.choices[0].text == "3 *\n2 +\nThe answer\n"
     assert answer.result.choices[0].finish_reason == "stop"
     assert answer.reasoning["judged"] == 3
+
+
+async def test_a_rewritten_step_verifies_the_small_step_as_its_draft() -> None:
+    class Verifying(StepWriter):
+        supports_draft_hint = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.hints: list[str] = []
+
+        async def generate(self, req: GenerationRequest, prepared: Any = None
+                           ) -> AsyncIterator[TokenEvent | FinishEvent]:  # fmt: skip
+            if not isinstance(req.constraint, Regex):
+                self.hints.append(req.draft_hint)
+            async for event in super().generate(req, prepared):
+                yield event
+
+    slm = StepWriter("slm", SLM_STEPS)
+    llm = Verifying("llm", LLM_STEPS, scores=[SURE, UNSURE])
+    _, trace = await run(Router({"slm": slm, "llm": llm}, {}), route(), request())
+    assert llm.hints == ["2 + 12 = 15.", "The answer is 15."]  # the rejected and the final step
+    rewrites = [a for a in trace.attempts if a.backend == "llm" and a.outcome == "accepted"]
+    assert [a.hint_mode for a in rewrites] == ["verified", "verified"]
+
+    plain = StepWriter("llm", LLM_STEPS, scores=[SURE, UNSURE])  # cannot verify: says so
+    _, trace = await run(Router({"slm": StepWriter("slm", SLM_STEPS), "llm": plain}, {}),
+                         route(), request())  # fmt: skip
+    rewrites = [a for a in trace.attempts if a.backend == "llm" and a.outcome == "accepted"]
+    assert [a.hint_mode for a in rewrites] == ["regenerated", "regenerated"]
