@@ -92,17 +92,8 @@ async def run_specreason(
 
     async def call(backend: Any, sub: GenerationRequest,
                    hint_mode: Literal["verified", "regenerated"] | None = None) -> Attempt:
-        att = Attempt(route, backend, trace, backend is top, energy)
-        att.hint_mode = hint_mode
-        try:
-            async with aclosing(att.run(sub, None, prepare=True)) as events:
-                async for _ in events:
-                    pass
-        except BaseException as exc:
-            outcome: AttemptOutcome = "cancelled" if is_cancellation(exc) else "error"
-            att.book(outcome, sub, error=exc)
-            raise
-        return att
+        return await _attempt(route, backend, sub, trace, energy, final=backend is top,
+                              hint_mode=hint_mode)  # fmt: skip
 
     cfg = route.specreason
     pending = 0  # separators owed before the next kept text (the step requests stop at them)
@@ -126,13 +117,9 @@ async def run_specreason(
             kept = False
         else:
             step = writer.book("accepted", draft_req)  # booked in the order run; judged next
-            judge = judge_request(req, steps, choice.text, cfg.separator)
-            judged = await call(top, judge)
-            score = digit_score(_top_digits(judged))
-            judged.signals["step_score"] = -1.0 if score is None else score
-            judged.book("judge", judge)
-            kept = reasoning.keeps(score)
-            step.signals["step_score"] = judged.signals["step_score"]
+            score, kept = await judge_step(call, top, judge_request(req, steps, choice.text,
+                                                                    cfg.separator), reasoning)
+            step.signals["step_score"] = -1.0 if score is None else score
             if not kept:
                 step.outcome, step.fallback_reason = "escalated", "low_score"
         observe_rate(rates, writer)
@@ -167,6 +154,41 @@ async def run_specreason(
     if streaming:
         yield end
     yield answer_of(reasoning, [*kept_events, end], req, trace, (small, top), rates)
+
+
+async def _attempt(
+    route: Any, backend: Any, sub: GenerationRequest, trace: Trace, energy: EnergyMeter | None,
+    *, final: bool, hint_mode: Literal["verified", "regenerated"] | None,
+) -> Attempt:  # fmt: skip
+    """One call run to its end; a failed or cut-off one is booked before the error goes on."""
+    att = Attempt(route, backend, trace, final, energy)
+    att.hint_mode = hint_mode
+    try:
+        async with aclosing(att.run(sub, None, prepare=True)) as events:
+            async for _ in events:
+                pass
+    except BaseException as exc:
+        outcome: AttemptOutcome = "cancelled" if is_cancellation(exc) else "error"
+        att.book(outcome, sub, error=exc)
+        raise
+    return att
+
+
+async def judge_step(
+    call: Any, top: Any, judge: GenerationRequest, reasoning: ReasoningTrace
+) -> tuple[float | None, bool]:
+    """(score, kept) of one step. A top tier that fails to judge keeps the step unjudged (an
+    answer beats an error; the failed attempt is in the ledger); a cancellation goes on."""
+    try:
+        judged = await call(top, judge)
+    except Exception as exc:
+        if is_cancellation(exc):
+            raise
+        return None, True
+    score = digit_score(_top_digits(judged))
+    judged.signals["step_score"] = -1.0 if score is None else score
+    judged.book("judge", judge)
+    return score, reasoning.keeps(score)
 
 
 def ends(choice: Choice, left: int, separator: str) -> bool:

@@ -239,3 +239,24 @@ async def test_a_rewritten_step_verifies_the_small_step_as_its_draft() -> None:
                          route(), request())  # fmt: skip
     rewrites = [a for a in trace.attempts if a.backend == "llm" and a.outcome == "accepted"]
     assert [a.hint_mode for a in rewrites] == ["regenerated", "regenerated"]
+
+
+async def test_a_judge_that_fails_keeps_the_step_and_books_the_error() -> None:
+    from schemas.errors import UpstreamError
+
+    class FailingJudge(StepWriter):
+        async def generate(self, req: GenerationRequest, prepared: Any = None
+                           ) -> AsyncIterator[TokenEvent | FinishEvent]:  # fmt: skip
+            if isinstance(req.constraint, Regex):
+                raise UpstreamError("judge down")
+            async for event in super().generate(req, prepared):
+                yield event
+
+    slm = StepWriter("slm", SLM_STEPS)
+    llm = FailingJudge("llm", LLM_STEPS)
+    answer, trace = await run(Router({"slm": slm, "llm": llm}, {}), route(final_by="slm"),
+                              request())  # fmt: skip
+    assert answer.result.choices[0].text == SEP.join(SLM_STEPS)
+    errors = [a for a in trace.attempts if a.outcome == "error"]
+    assert len(errors) == 3
+    assert all("judge down" in (a.error or "") for a in errors)
