@@ -28,7 +28,7 @@ async def test_specreason_answers_from_kept_steps(
     slm: EmbeddedEngine, llm: EmbeddedEngine, threshold: float
 ) -> None:
     route = Route("reason", ("small", "big"), policy="specreason",
-                  specreason=SpecReasonConfig(threshold=threshold, step_tokens=48, max_steps=6,
+                  specreason=SpecReasonConfig(threshold=threshold, step_tokens=48, max_steps=64,
                                               final_by="slm"))  # fmt: skip
     router = Router({"small": slm, "big": llm}, {"reason": route})
     req = GenerationRequest(
