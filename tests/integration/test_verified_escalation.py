@@ -44,7 +44,7 @@ def verifier(request: pytest.FixtureRequest) -> Iterator[EmbeddedEngine]:
     batching = request.param == "batched"
     engine = load_engine(
         ModelSpec("verifier", "builtin:qwen2.5-coder-0.5b-instruct", dtype="float32",
-                  batching=batching, speculation="none")
+                  batching=batching, speculation="none", kv_cache_mb=256)
     )  # fmt: skip
     yield engine
     engine.close()
