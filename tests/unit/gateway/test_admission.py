@@ -89,7 +89,7 @@ def test_task_ids_within_bounds_pass() -> None:
 def test_models_without_routes_get_routes_that_fit() -> None:
     models = [{"name": "slm", "source": "builtin:smollm2-135m-instruct"},
               {"name": "llm", "source": "builtin:smollm2-135m-instruct"}]  # fmt: skip
-    assert [r.name for r in from_mapping({"models": models}).routes] == ["auto", "pre"]
+    assert [r.name for r in from_mapping({"models": models}).routes] == ["auto", "pre", "reason"]
     only = from_mapping({"models": [{"name": "mine", "source": "builtin:smollm2-135m-instruct"}]})
     assert only.routes == ()
 
