@@ -159,10 +159,15 @@ def route_from_mapping(data: Mapping[str, Any]) -> Route:
 
 def routes_for(models: tuple[ModelSpec, ...]) -> tuple[Route, ...]:
     """Routes for a config that lists models but no routes: the default ``auto`` cascade and
-    ``pre`` when models ``slm`` and ``llm`` both exist; otherwise none beyond the model names
-    themselves (each model is a single-tier route to itself)."""
+    ``pre`` when models ``slm`` and ``llm`` both exist, and ``reason`` when both are embedded
+    (SpecReason continues partial answers, which remote tiers cannot); otherwise none beyond the
+    model names themselves (each model is a single-tier route to itself)."""
     names = {m.name for m in models}
-    return tuple(r for r in DEFAULT_ROUTES if set(r.tiers) <= names)
+    embedded = {m.name for m in models if m.kind == "embedded"}
+    return tuple(
+        r for r in DEFAULT_ROUTES
+        if set(r.tiers) <= (embedded if r.policy == "specreason" else names)
+    )  # fmt: skip
 
 
 def from_mapping(data: Mapping[str, Any]) -> GatewayConfig:

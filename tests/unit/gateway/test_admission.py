@@ -90,6 +90,10 @@ def test_models_without_routes_get_routes_that_fit() -> None:
     models = [{"name": "slm", "source": "builtin:smollm2-135m-instruct"},
               {"name": "llm", "source": "builtin:smollm2-135m-instruct"}]  # fmt: skip
     assert [r.name for r in from_mapping({"models": models}).routes] == ["auto", "pre", "reason"]
+    remote = [{"name": "slm", "source": "builtin:smollm2-135m-instruct"},
+              {"name": "llm", "kind": "openai", "base_url": "http://127.0.0.1:9/v1",
+               "remote_model": "m"}]  # fmt: skip
+    assert [r.name for r in from_mapping({"models": remote}).routes] == ["auto", "pre"]
     only = from_mapping({"models": [{"name": "mine", "source": "builtin:smollm2-135m-instruct"}]})
     assert only.routes == ()
 
