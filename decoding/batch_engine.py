@@ -1,6 +1,8 @@
-"""The embedded engine's batched loop: one thread, one forward pass per step over every sequence.
+"""The embedded engine's batched loop: one forward pass per step over every sequence.
 
-Requests arrive from any thread (``submit``); each choice becomes a ``Sequence`` for the
+The loop's steps run on the process's batch driver thread (``decoding.batch_driver``: one
+thread for every engine, so torch's CPU work has one OpenMP team). Requests arrive from any
+thread (``submit``); each choice becomes a ``Sequence`` for the
 scheduler and a ``ChoiceDecoder`` for its tokens. A step is: schedule (admit, chunk, preempt)
 → draft for the sequences that sample → one ``run_batch`` pass → walk each sampling
 sequence's rows → keep accepted draft rows, commit whole blocks → send each request its
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from decoding.backend import FinishEvent
+from decoding.batch_driver import BatchDriver, shared_driver
 from decoding.block_manager import BlockManager
 from decoding.choice import ChoiceDecoder
 from decoding.paged import KVPool, SequencePass, block_slots, run_batch
@@ -72,7 +75,9 @@ class _Request:
 class BatchLoop:
     """Serves one engine's requests on one thread, many sequences per pass."""
 
-    def __init__(self, engine: EmbeddedEngine, config: BatchConfig) -> None:
+    def __init__(
+        self, engine: EmbeddedEngine, config: BatchConfig, driver: BatchDriver | None = None
+    ) -> None:
         self.engine = engine
         model = engine.model
         slots = config.kv_cache_tokens or config.kv_cache_mb * 2**20 // KVPool.bytes_per_token(
@@ -86,12 +91,10 @@ class BatchLoop:
         self._decoders: dict[Sequence, tuple[ChoiceDecoder, _Request]] = {}
         self._inbox: list[tuple[PreparedRequest, _Request]] = []
         self._ids = itertools.count()
-        self._cond = threading.Condition()
+        self._driver = driver or shared_driver()
+        self._cond = self._driver.cond
         self._closed = False
-        self._thread = threading.Thread(
-            target=self._run, name=f"batch-{engine.config.name}", daemon=True
-        )
-        self._thread.start()
+        self._driver.add(self)
 
     # ---- from any thread -----------------------------------------------------------------------
 
@@ -110,30 +113,35 @@ class BatchLoop:
             self._closed = True
             self._cond.notify()
 
-    # ---- the loop's thread ---------------------------------------------------------------------
+    # ---- the driver's thread (decoding.batch_driver) ------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._inbox and self.scheduler.idle and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    break
-                arrivals, self._inbox = self._inbox, []
-            try:
-                for prepared, request in arrivals:
-                    self._add(prepared, request)
-                self._drop_cancelled()
-                work = self.scheduler.schedule()
-                if work:
-                    self._step(work)
-                else:  # nothing fits now (cannot last: running sequences always get rows)
-                    with self._cond:
-                        self._cond.wait(timeout=0.01)
-            except Exception as exc:  # a bug in the loop: fail everyone, keep serving
-                log.exception("batch step failed")
-                self._fail_all(exc)
-        self._fail_all(RuntimeError("the engine was closed"))
+    def ready(self) -> bool:
+        return bool(self._inbox) or not self.scheduler.idle or self._closed
+
+    def turn(self) -> tuple[bool, bool]:
+        """Take the arrivals and run one step; returns (progress, done). A closed loop fails
+        whatever it still holds and is done."""
+        with self._cond:
+            closed = self._closed
+            arrivals, self._inbox = self._inbox, []
+        if closed:
+            for _, request in arrivals:
+                request.send(RuntimeError("the engine was closed"))
+                request.send(None)
+            self._fail_all(RuntimeError("the engine was closed"))
+            return True, True
+        try:
+            for prepared, request in arrivals:
+                self._add(prepared, request)
+            self._drop_cancelled()
+            work = self.scheduler.schedule()
+            if not work:  # nothing fits now (cannot last: running sequences always get rows)
+                return bool(arrivals), False
+            self._step(work)
+        except Exception as exc:  # a bug in the loop: fail everyone, keep serving
+            log.exception("batch step failed")
+            self._fail_all(exc)
+        return True, False
 
     def _fail_all(self, exc: BaseException) -> None:
         """End every request with ``exc``; nothing here may stop the loop's thread."""

@@ -174,7 +174,8 @@ class EmbeddedEngine:
         self.config = config
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        # out_features, not weight.shape: a quantised head (decoding.quant) has no float weight.
+        self.vocab_size = int(self.model.get_output_embeddings().out_features)
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
         self.grammars = GrammarCompiler.for_hf_tokenizer(
             self.tokenizer, self.vocab_size, self.stop_ids, limits=config.grammar_limits,

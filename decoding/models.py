@@ -7,10 +7,11 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 
@@ -28,6 +29,7 @@ from decoding.loader import (
     load_model_dir,
 )
 from decoding.openai_compat import OpenAICompatBackend, RemoteConfig
+from decoding.quant import QUANTIZATIONS, Quantization, quantize_model
 from decoding.resilience import RetryPolicy
 from decoding.scheduler import SchedulerConfig
 from decoding.vllm_backend import VllmBackend
@@ -36,6 +38,7 @@ from decoding.weights import QWEN25_CODER_05B, QWEN25_CODER_15B, SMOLLM2_135M, G
 from schemas.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BUILTIN_SOURCES: dict[str, GGUFSource] = {
     "builtin:smollm2-135m-instruct": SMOLLM2_135M,
@@ -92,6 +95,9 @@ class ModelSpec:
     ``max_running`` requests at once; ``batching: false`` decodes one request at a time.
     ``prefix_cache_tokens`` bounds the prompt rows the serial engine keeps for reuse by later
     requests (0: off); the batched engine shares whole blocks of its memory instead.
+    ``quantization`` (``none``, ``int8``, ``int4``; CPU only) stores the linear layers' weights
+    in fewer bits (``decoding.quant``): fewer bytes read per decoded token, at a measured
+    quality cost (BENCHMARKS.md, "Single-stream decode").
     ``max_prompt_tokens`` caps this model's prompts (None: its context length, or the
     gateway's ``limits.max_prompt_tokens``; the smaller one applies).
 
@@ -128,6 +134,7 @@ class ModelSpec:
     prefix_cache_tokens: int = 32768  # embedded: prompt rows kept for reuse (0: off)
     max_prompt_tokens: int | None = None  # embedded: longer prompts skip to the next tier
     grammar_engine: str = "auto"  # embedded: auto, xgrammar or llguidance (decoding.engine_choice)
+    quantization: str = "none"  # embedded: weight-only none, int8 or int4 (decoding.quant)
     # embedded: continuous batching (decoding.batch_engine) with its key/value memory in MiB,
     # rows per forward pass and sequences decoding at once; False: one request at a time.
     batching: bool = True
@@ -227,6 +234,14 @@ class ModelSpec:
             )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16: {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"model {self.name!r}: quantization must be one of {', '.join(QUANTIZATIONS)}"
+            )
+        if self.quantization != "none" and self.resolved_device() != "cpu":
+            raise ValueError(
+                f"model {self.name!r}: quantization uses torch's CPU kernels; set device: cpu"
+            )
         if not self.source.startswith("builtin:") and not Path(self.source).exists():
             raise ValueError(f"model source {self.source!r} is neither builtin:… nor a directory")
         if self.source.startswith("builtin:") and self.source not in BUILTIN_SOURCES:
@@ -298,10 +313,36 @@ DEFAULT_MODELS = (
 
 
 def load_weights(spec: ModelSpec, cache_dir: Path | None = None) -> LoadedModel:
+    """The spec's model and tokenizer, its linear layers quantised when it asks for it."""
     device, dtype = spec.resolved_device(), spec.resolved_dtype()
     if spec.source.startswith("builtin:"):
-        return load_gguf_source(BUILTIN_SOURCES[spec.source], dtype, device, cache_dir)
-    return load_model_dir(Path(spec.source), dtype, device)
+        loaded = load_gguf_source(BUILTIN_SOURCES[spec.source], dtype, device, cache_dir)
+    else:
+        loaded = load_model_dir(Path(spec.source), dtype, device)
+    scheme = cast("Quantization", spec.quantization)
+    if scheme != "none":
+        layers = quantize_model(loaded.model, scheme)
+        log.info("model %s: %d linear layers quantised to %s", spec.name, layers, scheme)
+    return loaded
+
+
+def _on_short_lived_thread(work: Callable[[], T]) -> T:
+    """``work()`` on a new thread that ends with it (its result or its exception)."""
+    box: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            box.append(work())
+        except BaseException as exc:  # re-raised on the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="slmgate-load")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return box[0]
 
 
 def load_engine(
@@ -312,7 +353,23 @@ def load_engine(
     max_prompt_tokens: int | None = None,
 ) -> EmbeddedEngine:
     """Load, warm up and return the engine for ``spec``; logs where the weights came from.
-    ``max_prompt_tokens`` is the gateway-wide cap; the spec's own applies when smaller."""
+    ``max_prompt_tokens`` is the gateway-wide cap; the spec's own applies when smaller.
+
+    The engine is built on a thread that ends when it is: torch's CPU work there starts
+    an OpenMP team that would otherwise stay alive with the caller's thread and slow every
+    decode pass on the batch driver's (``decoding.batch_driver``)."""
+    return _on_short_lived_thread(
+        lambda: _load_engine(spec, cache_dir, warmup, grammar_limits, max_prompt_tokens)
+    )
+
+
+def _load_engine(
+    spec: ModelSpec,
+    cache_dir: Path | None,
+    warmup: bool,
+    grammar_limits: GrammarLimits | None,
+    max_prompt_tokens: int | None,
+) -> EmbeddedEngine:
     loaded = load_weights(spec, cache_dir or default_cache_dir())
     log.info(
         "model %s: %s on %s (%s)", spec.name, loaded.source, spec.resolved_device(),

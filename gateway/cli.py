@@ -114,6 +114,7 @@ BENCHMARKS = {
     "soak": "benchmarks.soak_bench",
     "serve": "benchmarks.serve_bench",
     "tiers": "benchmarks.tiers_bench",
+    "decode": "benchmarks.decode_bench",
     "backends": "benchmarks.backends_bench",
 }
 
