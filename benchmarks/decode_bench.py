@@ -1,7 +1,7 @@
 """Single-stream decode speed (``slmgate bench decode``): the embedded engine in each dtype and
 weight quantisation next to llama.cpp on the same GGUF, side by side in one run.
 
-Workloads: a short prompt and a ~4k-token prompt (tau-bench's retail policy, public data in
+Workloads: a short prompt and a ~4k-token prompt (tau-bench replay conversations, public data in
 ``../shared/data``), each answered as free text and as JSON under a schema. Every arm gets the
 same prompt text (rendered once with the model's chat template), greedy, ``--max-tokens`` new
 tokens; decode tokens/s = tokens after the first / the time they took, prefill tokens/s =
@@ -43,7 +43,7 @@ SHORT_PROMPT = (
     "Write a Python function that parses an ISO 8601 date string and returns the weekday "
     "name, with a docstring and two examples."
 )
-LONG_QUESTION = "In three sentences, what does the policy above say about exchanges?"
+LONG_QUESTION = "In three sentences, what do the conversations above say about exchanges?"
 JSON_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -81,13 +81,18 @@ class Arm:
 
 
 def long_prompt_text(tokenizer: Any, tokens: int) -> str:
-    """The first ``tokens`` tokens of the tau-bench replay's first system prompt."""
-    path = DATA / "agent-traces" / "tau-bench-replay.jsonl"
-    with path.open() as f:
-        conversation = json.loads(f.readline())
-    system = next(m["content"] for m in conversation["messages"] if m["role"] == "system")
-    ids = tokenizer.encode(system, add_special_tokens=False)[:tokens]
-    return str(tokenizer.decode(ids))
+    """The first ``tokens`` tokens of the tau-bench replay's conversations, one after another
+    (its retail policy, then the dialogues), as one text."""
+    parts: list[str] = []
+    with (DATA / "agent-traces" / "tau-bench-replay.jsonl").open() as f:
+        for line in f:
+            for message in json.loads(line)["messages"]:
+                if isinstance(message.get("content"), str) and message["content"]:
+                    parts.append(f"{message['role']}: {message['content']}")
+            ids = tokenizer.encode("\n\n".join(parts), add_special_tokens=False)
+            if len(ids) >= tokens:
+                return str(tokenizer.decode(ids[:tokens]))
+    raise ValueError(f"the replay holds fewer than {tokens} tokens")
 
 
 def perplexity_text(limit_chars: int = 6000) -> str:
@@ -108,16 +113,16 @@ def workloads(tokenizer: Any, long_tokens: int, run: int) -> list[dict[str, Any]
     engine shares cached blocks across requests; llama.cpp keeps its last prompt)."""
     from decoding.chat_template import render_prompt
 
-    tag = f"Run {run}. "
     long_text = long_prompt_text(tokenizer, long_tokens)
-    prompts = {
-        "short": [{"role": "user", "content": tag + SHORT_PROMPT}],
-        "4k": [{"role": "system", "content": tag + long_text},
-               {"role": "user", "content": LONG_QUESTION}],
-    }  # fmt: skip
     result: list[dict[str, Any]] = []
-    for name, messages in prompts.items():
+    for name in ("short", "4k"):
         for form in ("text", "json"):
+            tag = f"Run {run}, {form}. "  # no workload shares a prompt's first block either
+            messages = (
+                [{"role": "user", "content": tag + SHORT_PROMPT}] if name == "short" else
+                [{"role": "system", "content": tag + long_text},
+                 {"role": "user", "content": LONG_QUESTION}]
+            )  # fmt: skip
             if form == "json":
                 asked = messages[-1]["content"] + JSON_INSTRUCTION
                 messages = [*messages[:-1], {"role": "user", "content": asked}]
