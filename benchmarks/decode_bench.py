@@ -56,28 +56,34 @@ JSON_SCHEMA: dict[str, Any] = {
 }
 JSON_INSTRUCTION = " Answer as JSON with name, summary, steps and difficulty (1-5)."
 DEFAULT_ARMS = "bfloat16,bfloat16+int8,bfloat16+int4,float32,bfloat16/serial"
+WORKLOADS = ("short/text", "short/json", "4k/text", "4k/json")
 
 
 @dataclass(frozen=True, slots=True)
 class Arm:
-    """One engine configuration: ``dtype[+quantization][/serial]``."""
+    """One engine configuration: ``dtype[+quantization][/serial|/team]``. ``/serial``: the
+    serial engine; ``/team``: the batched engine with a second OpenMP team alive (the arm's
+    main thread runs torch work before decoding), as every engine ran before the batch driver
+    (``decoding.batch_driver``) — the baseline that change is measured against."""
 
     dtype: str
     quantization: str = "none"
     batching: bool = True
+    extra_team: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Arm:
         body, _, mode = text.partition("/")
         dtype, _, quant = body.partition("+")
-        if mode not in ("", "serial"):
-            raise ValueError(f"arm {text!r}: the mode after / is 'serial' or nothing")
-        return cls(dtype, quant or "none", mode != "serial")
+        if mode not in ("", "serial", "team"):
+            raise ValueError(f"arm {text!r}: the mode after / is 'serial', 'team' or nothing")
+        return cls(dtype, quant or "none", mode != "serial", mode == "team")
 
     @property
     def label(self) -> str:
         quant = "" if self.quantization == "none" else f"+{self.quantization}"
-        return f"{self.dtype}{quant}{'' if self.batching else '/serial'}"
+        mode = "/team" if self.extra_team else "" if self.batching else "/serial"
+        return f"{self.dtype}{quant}{mode}"
 
 
 def long_prompt_text(tokenizer: Any, tokens: int) -> str:
@@ -167,9 +173,13 @@ def measure_engine(source: str, arm: Arm, args: argparse.Namespace) -> dict[str,
     spec = ModelSpec("m", source, dtype=arm.dtype, batching=arm.batching,
                      quantization=arm.quantization, prefix_cache_tokens=0)  # fmt: skip
     engine = load_engine(spec, warmup=False)
+    if arm.extra_team:  # a parallel region on this thread: its OpenMP team stays alive
+        torch.randn(1 << 22).sum()
     rows: dict[str, Any] = {}
     per_run = [workloads(engine.tokenizer, args.long_tokens, i) for i in range(args.repeats + 1)]
     for k, work in enumerate(per_run[0]):
+        if work["name"] not in args.workloads:
+            continue
         constraint: Constraint = JsonSchema(work["schema"]) if work["schema"] else NoConstraint()
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
         runs = []
@@ -252,6 +262,8 @@ def measure_llamacpp(source: str, args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     per_run = [workloads(tokenizer, args.long_tokens, i) for i in range(args.repeats + 1)]
     for k, work in enumerate(per_run[0]):
+        if work["name"] not in args.workloads:
+            continue
         grammar = LlamaGrammar.from_json_schema(json.dumps(work["schema"]), verbose=False) \
             if work["schema"] else None  # fmt: skip
         runs = []
@@ -282,7 +294,10 @@ def measure_llamacpp(source: str, args: argparse.Namespace) -> dict[str, Any]:
 def render(report: dict[str, Any]) -> str:
     arms = report["arms"]
     names = next((list(a["workloads"]) for a in arms if a.get("workloads")), [])
-    base = next((a for a in arms if a["arm"].startswith("llama.cpp") and a.get("workloads")), None)
+    measured = [a for a in arms if a.get("workloads")]
+    # Ratios are to llama.cpp, or without it to the first arm measured.
+    base = next((a for a in measured if a["arm"].startswith("llama.cpp")), None)
+    base = base or (measured[0] if measured else None)
     head = "| arm | perplexity | " + " | ".join(f"{n} decode tok/s" for n in names)
     lines = [head + " | 4k/text prefill tok/s |", "|---" * (len(names) + 3) + "|"]
     for a in arms:
@@ -299,7 +314,7 @@ def render(report: dict[str, Any]) -> str:
         ppl = "n/a" if a.get("perplexity") is None else f"{a['perplexity']:.3f}"
         prefill = a["workloads"].get("4k/text", {}).get("prefill_tok_s", float("nan"))
         lines.append(f"| {a['arm']} | {ppl} | " + " | ".join(cells) + f" | {prefill:.0f} |")
-    ratio_note = " (x: ratio to llama.cpp on the same workload)" if base else ""
+    ratio_note = f" (x: ratio to {base['arm']} on the same workload)" if base else ""
     return "\n".join(lines) + f"\n\n{report['machine']}{ratio_note}"
 
 
@@ -313,6 +328,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--long-tokens", type=int, default=4000)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help=f"comma-separated, of {', '.join(WORKLOADS)}")  # fmt: skip
     p.add_argument("--replay", type=int, default=16,
                    help="tau-bench replay requests (0: none); engine arms speculate on them")
     p.add_argument("--replay-speculation", default="suffix",
@@ -320,6 +337,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child's arm
     args = p.parse_args(argv)
+    args.workloads = tuple(args.workloads.split(",")) if args.workloads else ()
+    if set(args.workloads) - set(WORKLOADS):
+        p.error(f"--workloads: choose from {', '.join(WORKLOADS)}")
     if args.repeats < 1 or args.max_tokens < 2 or args.long_tokens < 16:
         p.error("--repeats >= 1, --max-tokens >= 2, --long-tokens >= 16")
     for text in args.arms.split(","):
@@ -332,6 +352,7 @@ def _child(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.decode_bench", "--one", arm, "--source", args.source,
            "--max-tokens", str(args.max_tokens), "--long-tokens", str(args.long_tokens),
            "--repeats", str(args.repeats), "--replay", str(args.replay),
+           "--workloads", ",".join(args.workloads),
            "--replay-speculation", args.replay_speculation]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip

@@ -14,6 +14,8 @@ def test_arms_parse_dtype_quantisation_and_mode() -> None:
     assert Arm.parse("bfloat16+int4") == Arm("bfloat16", "int4", True)
     assert Arm.parse("float32+int8/serial") == Arm("float32", "int8", False)
     assert Arm.parse("float32+int8/serial").label == "float32+int8/serial"
+    assert Arm.parse("bfloat16/team") == Arm("bfloat16", "none", True, extra_team=True)
+    assert Arm.parse("bfloat16/team").label == "bfloat16/team"
     with pytest.raises(ValueError, match="serial"):
         Arm.parse("bfloat16/fast")
 
@@ -40,4 +42,12 @@ def test_report_gives_each_arm_its_ratio_to_llamacpp() -> None:
     assert "| bfloat16 | 6.400 | 25.0 (0.50x) | 25.0 (0.50x) | 100 |" in table
     assert "| llama.cpp (m.gguf) | n/a | 50.0 | 50.0 | 100 |" in table
     assert "| float32 | skipped: out of memory |" in table
-    assert "ratio to llama.cpp" in table
+    assert "ratio to llama.cpp (m.gguf)" in table
+
+
+def test_without_llamacpp_ratios_are_to_the_first_arm() -> None:
+    arms = [_arm("bfloat16/team", 10.0, 6.4), _arm("bfloat16", 17.0, 6.4)]
+    report = {"machine": "m", "arms": arms}
+    table = render(report)
+    assert "| bfloat16 | 6.400 | 17.0 (1.70x) | 17.0 (1.70x) | 100 |" in table
+    assert "ratio to bfloat16/team" in table
