@@ -73,7 +73,7 @@ class _Request:
 
 
 class BatchLoop:
-    """Serves one engine's requests on one thread, many sequences per pass."""
+    """Serves one engine's requests, many sequences per pass, on the batch driver's thread."""
 
     def __init__(
         self, engine: EmbeddedEngine, config: BatchConfig, driver: BatchDriver | None = None
