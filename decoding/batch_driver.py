@@ -3,14 +3,14 @@
 torch's CPU kernels run their parallel regions on an OpenMP team that belongs to the thread that
 started them, and it stays alive with that thread. GNU OpenMP counts the threads of every live
 team; once there are more than cores it stops spinning between regions, so every region of a
-decode pass (hundreds per token) pays a sleep and a wake-up. Measured on the 2-core machine
-(SmolLM2-135M, bf16, one stream): a forward pass took 97 ms on an engine thread of its own
-while another thread's team was alive (the one that loaded the model), 56 ms with the model
-loaded on a thread that had ended; ``slmgate bench decode`` and BENCHMARKS.md ("Single-stream
-decode") have the end-to-end numbers. So the engines of a process share one driver thread
-(each loop takes one step per round, round robin), models are loaded on short-lived threads
-(``decoding.models.load_engine``), and on two cores two models' passes no longer fight for
-them: they alternate.
+decode pass (hundreds per token) pays a sleep and a wake-up. Measured while profiling on the
+2-core machine (SmolLM2-135M, bf16, one stream, ad-hoc timing of ``run_batch``): a forward pass
+took 97 ms on an engine thread of its own while another thread's team was alive (the one that
+loaded the model), 56 ms once no other team was; ``slmgate bench decode``'s ``/team`` arms
+reproduce the comparison end to end (BENCHMARKS.md, "Single-stream decode"). So the engines
+of a process share one driver thread (each loop takes one step per round, round robin), models
+are loaded on short-lived threads (``decoding.models.load_engine``), and on two cores two
+models' passes no longer fight for them: they alternate.
 """
 
 from __future__ import annotations
