@@ -113,13 +113,13 @@ def perplexity_text(limit_chars: int = 6000) -> str:
     return "".join(parts)
 
 
-def workloads(tokenizer: Any, long_tokens: int, run: int) -> list[dict[str, Any]]:
-    """The four workloads of run ``run`` (the same prompts for every arm). Each run's prompts
-    begin with its own number, so no run reuses an earlier run's cached prompt (the batched
-    engine shares cached blocks across requests; llama.cpp keeps its last prompt)."""
+def workloads(tokenizer: Any, long_text: str, run: int) -> list[dict[str, Any]]:
+    """The four workloads of run ``run`` (the same prompts for every arm; ``long_text`` from
+    ``long_prompt_text``). Each run's prompts begin with its own number, so no run reuses an
+    earlier run's cached prompt (the batched engine shares cached blocks across requests;
+    llama.cpp keeps its last prompt)."""
     from decoding.chat_template import render_prompt
 
-    long_text = long_prompt_text(tokenizer, long_tokens)
     result: list[dict[str, Any]] = []
     for name in ("short", "4k"):
         for form in ("text", "json"):
@@ -151,6 +151,23 @@ def _timed(stream: Any) -> tuple[float, float, int]:
     return first - started, end - first, tokens
 
 
+def _measure_workloads(
+    tokenizer: Any,
+    args: argparse.Namespace,
+    stream: Callable[[dict[str, Any]], Iterable[Any]],
+) -> dict[str, Any]:
+    """Each selected workload's summary: ``stream(work)`` yields one run's tokens; every run
+    has its own prompts (``workloads``), and the first run warms up and is not counted."""
+    long_text = long_prompt_text(tokenizer, args.long_tokens)
+    per_run = [workloads(tokenizer, long_text, i) for i in range(args.repeats + 1)]
+    rows: dict[str, Any] = {}
+    for k, work in enumerate(per_run[0]):
+        if work["name"] in args.workloads:
+            runs = [_timed(stream(run[k])) for run in per_run][1:]
+            rows[work["name"]] = _summary(runs, len(per_run[-1][k]["prompt_ids"]))
+    return rows
+
+
 def _summary(runs: list[tuple[float, float, int]], prompt_tokens: int) -> dict[str, Any]:
     ttft = statistics.median(r[0] for r in runs)
     return {
@@ -175,23 +192,16 @@ def measure_engine(source: str, arm: Arm, args: argparse.Namespace) -> dict[str,
     engine = load_engine(spec, warmup=False)
     if arm.extra_team:  # a parallel region on this thread: its OpenMP team stays alive
         torch.randn(1 << 22).sum()
-    rows: dict[str, Any] = {}
-    per_run = [workloads(engine.tokenizer, args.long_tokens, i) for i in range(args.repeats + 1)]
-    for k, work in enumerate(per_run[0]):
-        if work["name"] not in args.workloads:
-            continue
-        constraint: Constraint = JsonSchema(work["schema"]) if work["schema"] else NoConstraint()
-        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-        runs = []
-        for i in range(args.repeats + 1):  # the first run warms up and is not counted
-            messages = tuple(per_run[i][k]["messages"])
-            req = GenerationRequest(messages, params=params, constraint=constraint,
-                                    speculation="none")  # fmt: skip
-            events = engine.generate_sync(req)
-            run = _timed(e for e in events if isinstance(e, TokenEvent))
-            if i:
-                runs.append(run)
-        rows[work["name"]] = _summary(runs, len(per_run[-1][k]["prompt_ids"]))
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+
+    def tokens(work: dict[str, Any]) -> Iterable[Any]:
+        schema = work["schema"]
+        constraint: Constraint = JsonSchema(schema) if schema else NoConstraint()
+        req = GenerationRequest(tuple(work["messages"]), params=params, constraint=constraint,
+                                speculation="none")  # fmt: skip
+        return (e for e in engine.generate_sync(req) if isinstance(e, TokenEvent))
+
+    rows = _measure_workloads(engine.tokenizer, args, tokens)
     if args.replay:
 
         def stream(req: Any) -> Iterable[Any]:
@@ -259,24 +269,16 @@ def measure_llamacpp(source: str, args: argparse.Namespace) -> dict[str, Any]:
     threads = torch.get_num_threads()
     llm = Llama(str(gguf), n_ctx=args.long_tokens + 512, n_threads=threads,
                 n_threads_batch=threads, verbose=False, logits_all=False)  # fmt: skip
-    rows: dict[str, Any] = {}
-    per_run = [workloads(tokenizer, args.long_tokens, i) for i in range(args.repeats + 1)]
-    for k, work in enumerate(per_run[0]):
-        if work["name"] not in args.workloads:
-            continue
-        grammar = LlamaGrammar.from_json_schema(json.dumps(work["schema"]), verbose=False) \
-            if work["schema"] else None  # fmt: skip
-        runs = []
-        for i in range(args.repeats + 1):
-            llm.reset()  # no reuse of the previous run's prompt cache
-            stream = llm.create_completion(
-                list(per_run[i][k]["prompt_ids"]), max_tokens=args.max_tokens, temperature=0.0,
-                top_k=1, stream=True, grammar=grammar,
-            )  # fmt: skip
-            run = _timed(stream)
-            if i:
-                runs.append(run)
-        rows[work["name"]] = _summary(runs, len(per_run[-1][k]["prompt_ids"]))
+    grammar = LlamaGrammar.from_json_schema(json.dumps(JSON_SCHEMA), verbose=False)
+
+    def tokens(work: dict[str, Any]) -> Iterable[Any]:
+        llm.reset()  # no reuse of the previous run's prompt cache
+        return llm.create_completion(
+            list(work["prompt_ids"]), max_tokens=args.max_tokens, temperature=0.0, top_k=1,
+            stream=True, grammar=grammar if work["schema"] else None,
+        )  # fmt: skip
+
+    rows = _measure_workloads(tokenizer, args, tokens)
     if args.replay:
         from decoding.chat_template import render_prompt
 
@@ -293,8 +295,8 @@ def measure_llamacpp(source: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     arms = report["arms"]
-    names = next((list(a["workloads"]) for a in arms if a.get("workloads")), [])
     measured = [a for a in arms if a.get("workloads")]
+    names = list(measured[0]["workloads"]) if measured else []
     # Ratios are to llama.cpp, or without it to the first arm measured.
     base = next((a for a in measured if a["arm"].startswith("llama.cpp")), None)
     base = base or (measured[0] if measured else None)
