@@ -113,6 +113,7 @@ class CircuitBreaker:
         self._state: BreakerState = "closed"
         self._opened_at = 0.0
         self._probe_out = False
+        self.opened_here = 0  # times this breaker opened on its own failures (not adopted)
 
     @property
     def state(self) -> BreakerState:
@@ -157,11 +158,20 @@ class CircuitBreaker:
         """End a call without a verdict on the backend's health (frees a half-open probe)."""
         self._probe_out = False
 
+    def force_open(self, seconds: float) -> None:
+        """Open for ``seconds`` because another replica's breaker for the same backend opened
+        (``gateway.breaker_sync``); then half-open as usual."""
+        self._state = "open"
+        self._opened_at = self.clock() - max(0.0, self.reset_after_s - seconds)
+        self._probe_out = False
+        self.failures = 0
+
     def _open(self) -> None:
         self._state = "open"
         self._opened_at = self.clock()
         self._probe_out = False
         self.failures = 0
+        self.opened_here += 1
 
 
 def default_is_retryable(exc: BaseException) -> bool:

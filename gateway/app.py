@@ -77,7 +77,16 @@ def create_app(
             gw.ledger.start()
         if gw.router is None:
             threading.Thread(target=gw.load_models, name="model-loader", daemon=True).start()
+        sync = None
+        if gw.shared.health.configured:  # breakers shared with the other replicas
+            sync = asyncio.create_task(gw.breaker_sync.run(), name="breaker-sync")
         yield
+        if sync is not None:
+            sync.cancel()
+        await gw.settled()
+        await gw.shared.aclose()
+        if gw.telemetry is not None:
+            await asyncio.to_thread(gw.telemetry.shutdown)
         if gw.shadows is not None:
             await gw.shadows.close()
         if gw.ledger is not None:
@@ -91,9 +100,9 @@ def create_app(
                     close()
 
     app = FastAPI(title="slmgate", lifespan=lifespan)
-    app.add_middleware(KeyGuard, keys=lambda: gw.config.api_keys)
+    app.add_middleware(KeyGuard, keys=gw.keys)
     app.state.gateway = gw
-    app.include_router(dashboard_router(lambda: gw.config.api_keys))
+    app.include_router(dashboard_router(gw.keys.last_known_required))
 
     @app.exception_handler(SlmgateError)
     async def _slmgate_error(request: Request, exc: SlmgateError) -> JSONResponse:
@@ -168,9 +177,10 @@ def create_app(
         req = replace(req, params=bounded_params(wire, req, limits))
         if gw.in_flight >= limits.max_queue:
             raise OverloadedError("too many requests in flight; retry shortly")
+        trace = Trace(req.request_id, route.name, task_id)
+        await gw.admit(getattr(request.state, "caller", None), route.name, trace)  # 403/429
         caller = gw.caller(request)
         gw.callers.acquire(caller)  # released when the answer (or the stream) is done
-        trace = Trace(req.request_id, route.name, task_id)
         try:
             with gw.slot():
                 plan = await router.plan_async(route, req, trace)  # 400s up front
@@ -214,6 +224,8 @@ def create_app(
         if known is False:
             raise NotFoundError(f"no task {task_id!r} in the ledger", param="task_id",
                                 code="task_not_found")  # fmt: skip
+        if gw.telemetry is not None:
+            gw.telemetry.record_outcome(task_id, outcome.success, outcome.score)
         return {"object": "task.outcome", "task_id": task_id, "success": outcome.success,
                 "score": outcome.score, "recorded": True}  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""The ``slmgate`` command: serve, models, bench, calibrate, replay, eval."""
+"""The ``slmgate`` command: serve, models, keys, bench, calibrate, replay, eval."""
 
 from __future__ import annotations
 
@@ -327,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("what", choices=["bfcl", "gsm8k"])
     ev.add_argument("rest", nargs=argparse.REMAINDER)
     ev.set_defaults(func=_eval)
+
+    from gateway.keys_cli import add_keys_parser
+
+    add_keys_parser(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -4,7 +4,8 @@ With no file at all, slmgate serves the embedded defaults: model ``slm`` (Qwen2.
 model ``llm`` (Qwen2.5-Coder-1.5B), model ``tiny`` (SmolLM2-135M), route ``auto`` (cascade
 SLM → LLM with the learned deferral rule) and route ``pre`` (pre-router). The ledger is a
 SQLite file in the cache directory unless ``ledger_url`` (or
-``SLMGATE_LEDGER_URL``) names another database, e.g. ``postgresql+psycopg://host/db``.
+``SLMGATE_LEDGER_URL``) names another database, e.g. ``postgresql+psycopg://host/db``. Several
+replicas share state through ``redis_url`` (``SLMGATE_REDIS_URL``) and the ledger database.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ class GatewayConfig:
     port: int = 8000
     cache_dir: str | None = None
     ledger_url: str | None = None  # None: sqlite file in the cache dir; "off": no ledger
+    # Shared by replicas: per-key rate limits and budgets, circuit breakers (None: this process)
+    redis_url: str | None = None
+    redis_prefix: str = "slmgate"  # namespace of every key slmgate writes to Redis
+    # OTLP/HTTP endpoint for OpenTelemetry traces (None: OTEL_EXPORTER_OTLP_* or off)
+    otel_endpoint: str | None = None
 
     def resolved_ledger_url(self) -> str | None:
         """The ledger database URL, or None when the ledger is switched off."""
@@ -171,13 +177,13 @@ def routes_for(models: tuple[ModelSpec, ...]) -> tuple[Route, ...]:
 
 
 def from_mapping(data: Mapping[str, Any]) -> GatewayConfig:
-    known = {"models", "routes", "api_keys", "limits", "host", "port", "cache_dir", "ledger_url"}
+    plain = ("host", "port", "cache_dir", "ledger_url", "redis_url", "redis_prefix",
+             "otel_endpoint")  # fmt: skip
+    known = {"models", "routes", "api_keys", "limits", *plain}
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    kwargs: dict[str, Any] = {
-        k: data[k] for k in ("host", "port", "cache_dir", "ledger_url") if k in data
-    }
+    kwargs: dict[str, Any] = {k: data[k] for k in plain if k in data}
     if "models" in data:
         kwargs["models"] = tuple(ModelSpec.from_mapping(m) for m in data["models"])
     if "routes" in data:
@@ -201,7 +207,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     """Read ``path`` (or ``$SLMGATE_CONFIG``), then apply environment overrides:
     ``SLMGATE_API_KEYS`` (comma-separated), ``SLMGATE_MAX_BODY_BYTES``,
     ``SLMGATE_MAX_QUEUE``, ``SLMGATE_REQUEST_TIMEOUT_S``, ``SLMGATE_CACHE``,
-    ``SLMGATE_LEDGER_URL``."""
+    ``SLMGATE_LEDGER_URL``, ``SLMGATE_REDIS_URL``."""
     env = os.environ if env is None else env
     path = path or env.get("SLMGATE_CONFIG")
     config = from_mapping(_read_file(Path(path))) if path else GatewayConfig()
@@ -219,4 +225,6 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         config = replace(config, cache_dir=env["SLMGATE_CACHE"])
     if env.get("SLMGATE_LEDGER_URL"):
         config = replace(config, ledger_url=env["SLMGATE_LEDGER_URL"])
+    if env.get("SLMGATE_REDIS_URL"):
+        config = replace(config, redis_url=env["SLMGATE_REDIS_URL"])
     return replace(config, limits=limits)

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse
 
 NONCE_MARK = "__CSP_NONCE__"
 AUTH_MARK = "__AUTH__"
-KeySource = Callable[[], Sequence[str]] | Sequence[str]
+KeySource = Callable[[], Sequence[str] | bool] | Sequence[str]
 
 
 @functools.cache
@@ -61,8 +61,8 @@ _HEADERS = {
 def dashboard_router(api_keys: KeySource = ()) -> APIRouter:
     """An APIRouter serving the page shell at ``GET /dashboard``, open to all.
 
-    ``api_keys`` (a callable, so reloaded keys are current) only says whether the page should
-    ask for a key up front; the shell carries no data, so it needs none.
+    ``api_keys`` (a callable, so reloaded keys are current; it may answer True/False) only says
+    whether the page should ask for a key up front; the shell carries no data, so it needs none.
     """
     router = APIRouter()
 

@@ -5,26 +5,29 @@ With keys configured, everything but ``/healthz`` (liveness for load balancers) 
 dashboard's page shell (static HTML with no data; its data calls carry the key) needs
 ``Authorization: Bearer <key>`` — including ``/readyz`` (it lists models), ``/docs``, ``/redoc``
 and ``/openapi.json``. A key is never read from the URL: URLs end up in access logs, browser
-history and Referer headers.
+history and Referer headers. Keys are the config's ``api_keys`` (admins) and the key records of
+``slmgate keys`` (``gateway.keys``); a record that is not ``--admin`` may only call models.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from gateway.keys import KeyDirectory
 from schemas.errors import (
     AuthenticationError,
+    PermissionDeniedError,
     RateLimitError,
     SlmgateError,
     UnsupportedMediaTypeError,
 )
 
 OPEN_PATHS = frozenset({"/healthz", "/dashboard"})
+CALLER_PATHS = frozenset({"/v1/chat/completions", "/v1/models", "/readyz"})
 ASGIApp = Callable[..., Any]
 
 
@@ -32,14 +35,6 @@ def bearer_key(authorization: str) -> str:
     """The key of an ``Authorization: Bearer <key>`` header ('' when absent or another scheme)."""
     scheme, _, key = authorization.partition(" ")
     return key.strip() if scheme.lower() == "bearer" else ""
-
-
-def key_ok(given: str, keys: Sequence[str]) -> bool:
-    """Constant-time membership: timing reveals neither the key nor which one matched."""
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(given.encode(), key.encode())
-    return ok
 
 
 def is_json_content_type(value: str) -> bool:
@@ -61,24 +56,46 @@ def require_json(content_type: str | None) -> None:
 
 class KeyGuard:
     """ASGI middleware: a 401 OpenAI error for any HTTP request outside ``OPEN_PATHS`` that does
-    not carry a configured key. ``keys`` is read per request, so reloaded keys apply at once."""
+    not carry a valid key once keys exist (``KeyDirectory``), and a 403 for a non-admin key
+    record outside ``CALLER_PATHS``. The caller is left in ``scope["state"]["caller"]``."""
 
-    def __init__(self, app: ASGIApp, keys: Callable[[], Sequence[str]]):
+    def __init__(self, app: ASGIApp, keys: KeyDirectory):
         self.app = app
         self.keys = keys
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        keys = self.keys()
-        if scope["type"] != "http" or not keys or scope["path"].rstrip("/") in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"].rstrip("/") in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or ())
-        given = bearer_key(headers.get(b"authorization", b"").decode("latin-1"))
-        if key_ok(given, keys):
-            await self.app(scope, receive, send)
+        try:
+            if not await self.keys.required():
+                await self.app(scope, receive, send)
+                return
+            headers = dict(scope.get("headers") or ())
+            given = bearer_key(headers.get(b"authorization", b"").decode("latin-1"))
+            caller = await self.keys.resolve(given)
+        except SlmgateError as exc:
+            await send_error(send, exc)
             return
-        await send_error(send, AuthenticationError(
-            "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'."))  # fmt: skip
+        if caller is None:
+            message = "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'."
+            await send_error(send, AuthenticationError(message))
+            return
+        if not caller.admin and not is_caller_path(scope["path"]):
+            name = caller.record.name if caller.record is not None else ""
+            await send_error(send, PermissionDeniedError(
+                f"API key {name!r} may call models but not {scope['path']} (an admin key may: "
+                "`slmgate keys create --admin`)"))  # fmt: skip
+            return
+        scope.setdefault("state", {})["caller"] = caller
+        await self.app(scope, receive, send)
+
+
+def is_caller_path(path: str) -> bool:
+    """What a key that only calls models may reach: completions, the model list, readiness and
+    reporting its own task outcomes."""
+    path = path.rstrip("/")
+    return path in CALLER_PATHS or (path.startswith("/v1/tasks/") and path.endswith("/outcome"))
 
 
 async def send_error(send: Any, exc: SlmgateError) -> None:

@@ -106,6 +106,17 @@ class GatewayMetrics:
                                       namespace=ns, registry=r)  # fmt: skip
         for reason in LEDGER_DROP_REASONS:  # exported at 0, so alerts see the series at once
             self.ledger_dropped.labels(reason)
+        self.shared_fallbacks = Counter("shared_state_fallbacks", "Shared-state operations "
+                                        "(rate limits, budgets, breakers) served from this "
+                                        "replica's own state because Redis failed or was down, "
+                                        "by operation.", ["op"], namespace=ns,
+                                        registry=r)  # fmt: skip
+        self.shared_up = Gauge("shared_state_up", "1 while the last Redis operation worked, 0 "
+                               "while this replica uses its own state; absent without "
+                               "redis_url.", namespace=ns, registry=r)  # fmt: skip
+        self.quota_refusals = Counter("quota_refusals", "Requests refused by an API key's "
+                                      "limits, by reason.", ["reason"], namespace=ns,
+                                      registry=r)  # fmt: skip
 
     def observe_request(self, rec: RequestRecord) -> None:
         """Count one finished request and its attempts."""
@@ -167,6 +178,9 @@ class GatewayMetrics:
         if reason not in LEDGER_DROP_REASONS:
             reason = WRITE_FAILED  # a bounded label set whatever a caller passes
         self.ledger_dropped.labels(reason).inc(_amount(n))
+
+    def shared_state_fallback(self, op: str) -> None:
+        self.shared_fallbacks.labels(op).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type, for ``GET /metrics``."""

@@ -11,22 +11,32 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from decoding.backend import Backend
+from decoding.resilience import CircuitBreaker
 from decoding.types import GenerationRequest
+from gateway.breaker_sync import BreakerSync
 from gateway.config import GatewayConfig
 from gateway.guard import KeySlots, bearer_key
+from gateway.keys import Caller, KeyDirectory
 from gateway.metrics import GatewayMetrics
+from gateway.quota import QuotaGate
+from gateway.shared_state import SharedState
 from router.energy import EnergyMeter
 from router.ledger import Ledger
+from router.ledger.key_store import ApiKey
+from router.records import RequestRecord
 from router.route import Route
 from router.router import Answer, Router, Trace, request_record
 from router.shadow import ShadowRunner
 from schemas.errors import OverloadedError, SlmgateError
+
+if TYPE_CHECKING:
+    from gateway.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +48,23 @@ def error_response(exc: SlmgateError) -> JSONResponse:
         wait = exc.retry_after if exc.retry_after is not None else 5.0
         headers = {"Retry-After": str(max(1, math.ceil(wait)))}
     return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
+
+
+def telemetry_of(config: GatewayConfig) -> Telemetry | None:
+    """OpenTelemetry export when an endpoint is configured (config or ``OTEL_EXPORTER_OTLP_*``);
+    the SDK is imported only then."""
+    import os
+
+    endpoint_set = config.otel_endpoint or any(
+        os.environ.get(name)
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+    if not endpoint_set:
+        return None
+    from gateway.telemetry import Telemetry, TelemetryConfig
+
+    settings = TelemetryConfig.from_env(config.otel_endpoint)
+    return None if settings is None else Telemetry(settings)
 
 
 class Gateway:
@@ -58,6 +85,17 @@ class Gateway:
         self.load_error: str | None = None
         self.callers = KeySlots(lambda: self.config.limits.max_concurrent_per_key)
         self.shadows: ShadowRunner | None = None  # created with the first shadow answer
+        self.shared = SharedState.from_url(
+            config.redis_url, config.redis_prefix, on_fallback=metrics.shared_state_fallback
+        )
+        self.keys = KeyDirectory(
+            lambda: self.config.api_keys, None if ledger is None else ledger.key_store()
+        )
+        self.quotas = QuotaGate(self.shared, None if ledger is None else ledger.key_spend)
+        self.breaker_sync = BreakerSync(self.shared, self.breakers)
+        self._admitted: dict[str, ApiKey] = {}  # key records seen, for settling their spend
+        self._background: set[asyncio.Task[None]] = set()
+        self.telemetry = telemetry_of(config)
         if router is not None:
             self.attach_memory(router)
 
@@ -105,6 +143,52 @@ class Gateway:
         except Exception:
             log.exception("escalation memory: the ledger database is unavailable; not persisted")
 
+    def breakers(self) -> dict[str, CircuitBreaker]:
+        """The circuit breaker of every backend that has one (remote backends)."""
+        out: dict[str, CircuitBreaker] = {}
+        for name, backend in (self.router.backends if self.router else {}).items():
+            breaker = getattr(backend, "breaker", None)
+            if isinstance(breaker, CircuitBreaker):
+                out[name] = breaker
+        return out
+
+    async def admit(self, caller: Caller | None, route: str, trace: Trace) -> None:
+        """Apply the caller's key record limits (403/429) and tag the request with its key."""
+        if caller is None or caller.record is None:
+            return
+        key = caller.record
+        try:
+            await self.quotas.admit(key, route)
+        except SlmgateError as exc:
+            self.metrics.quota_refusals.labels(exc.code or type(exc).__name__).inc()
+            raise
+        self._admitted[key.key_id] = key
+        trace.key_id = key.key_id
+
+    def _settle(self, record: RequestRecord) -> None:
+        """Count a finished request against its key's budgets and token limits, off the
+        response path (a task on the running loop)."""
+        key = self._admitted.get(record.key_id or "")
+        if key is None:
+            return
+        limits = key.limits
+        if limits.tpm is None and limits.budget_daily_usd is None and (
+                limits.budget_monthly_usd is None):  # fmt: skip
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(self.quotas.settle(
+            key, record.prompt_tokens + record.completion_tokens, record.cost_usd))  # fmt: skip
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def settled(self) -> None:
+        """Wait for pending settles (shutdown, tests)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
     def enter(self) -> None:
         """Count one more request in flight (the overload check and /metrics read it)."""
         self.in_flight += 1
@@ -138,6 +222,10 @@ class Gateway:
             record = request_record(trace, req, answer=answer, error=error, stream=stream)
             if self.ledger is not None:
                 self.ledger.record(record)
+            self._settle(record)
+            if self.telemetry is not None:
+                key = self._admitted.get(record.key_id or "")
+                self.telemetry.export(record, api_key_name=None if key is None else key.name)
             self.metrics.observe_request(record)
             for attempt in record.attempts:
                 if attempt.outcome == "error":

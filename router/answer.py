@@ -34,6 +34,7 @@ class Trace:
     pre_score: float | None = None
     answer: Answer | None = None  # set when a stream finished: what it answered with
     streaming_from: str | None = None  # backend whose tokens a stream is sending now
+    key_id: str | None = None  # the API key record the request came in with
 
     def mark_first_token(self) -> None:
         if self.first_token_at is None:
@@ -160,6 +161,7 @@ def request_record(
         expects_json=isinstance(req.constraint, JsonObject | JsonSchema)
         or (isinstance(req.constraint, ToolCalls) and req.constraint.final is not None),
         expects_tools=isinstance(req.constraint, ToolCalls),
+        key_id=trace.key_id,
         attempts=list(trace.attempts),
     )  # fmt: skip
     if answer is not None:

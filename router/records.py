@@ -98,6 +98,7 @@ class RequestRecord:
     stream: bool = False
     expects_json: bool = False  # response_format json_object / json_schema
     expects_tools: bool = False
+    key_id: str | None = None  # the API key record it came in with (gateway.keys)
     attempts: list[AttemptRecord] = field(default_factory=list)
 
     @property

@@ -8,10 +8,12 @@
     │   ├── RequestTooLargeError      400 invalid_request_error, code "request_too_large"
     │   └── ContextLengthError        400 invalid_request_error, code "context_length_exceeded"
     ├── AuthenticationError           401 authentication_error
+    ├── PermissionDeniedError         403 permission_error (a key used beyond what it may do)
     ├── NotFoundError                 404 not_found_error, code "model_not_found"
     ├── PayloadTooLargeError          413 invalid_request_error
     ├── UnsupportedMediaTypeError     415 invalid_request_error, code "unsupported_media_type"
     ├── RateLimitError                429 rate_limit_error (retryable)
+    │   └── InsufficientQuotaError    429 insufficient_quota (a key's budget is spent)
     ├── OverloadedError               503 overloaded_error (retryable; "circuit_open" when a
     │                                     backend's breaker refuses calls)
     ├── UpstreamError                 502 upstream_error (retryable)
@@ -105,6 +107,12 @@ class AuthenticationError(SlmgateError):
     code = "invalid_api_key"
 
 
+class PermissionDeniedError(SlmgateError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
 class NotFoundError(SlmgateError):
     status = 404
     type = "not_found_error"
@@ -131,6 +139,15 @@ class RateLimitError(SlmgateError):
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
     retryable = True
+
+
+class InsufficientQuotaError(RateLimitError):
+    """OpenAI's "You exceeded your current quota": 429 like a rate limit, but retrying soon
+    does not help, so ``Retry-After`` says when the budget's window resets."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+    retryable = False
 
 
 class OverloadedError(SlmgateError):

@@ -50,6 +50,7 @@ def request_row(req: RequestRecord, task_id: str) -> dict[str, Any]:
         "expects_tools": req.expects_tools,
         "energy_j": sum(energies) if energies else None,
         "energy_measured": all(measured) if measured else None,
+        "key_id": req.key_id,
     }
 
 

@@ -41,7 +41,9 @@ requests_table = sa.Table(
     sa.Column("expects_tools", sa.Boolean, nullable=False),
     sa.Column("energy_j", sa.Double),  # sum over attempts; NULL when none reported energy
     sa.Column("energy_measured", sa.Boolean),  # every figure measured (vs estimated); NULL: none
+    sa.Column("key_id", sa.String),  # the API key record it came in with; NULL: none or static
     sa.Index("ix_requests_created_at", "created_at"),
+    sa.Index("ix_requests_key_id_created_at", "key_id", "created_at"),
     sa.Index("ix_requests_route_created_at", "route", "created_at"),
     sa.Index("ix_requests_task_id", "task_id"),
 )
@@ -120,6 +122,24 @@ memory_table = sa.Table(
     sa.Index("ix_memory_route_created_at", "route", "created_at"),
 )
 
+# API keys as records (gateway.keys): only a hash of the secret is stored.
+api_keys_table = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("key_id", sa.String, primary_key=True),  # public id, shown in lists and stats
+    sa.Column("name", sa.String, nullable=False),
+    sa.Column("key_hash", sa.String, nullable=False, unique=True),  # sha256 of the secret, hex
+    sa.Column("key_prefix", sa.String, nullable=False),  # first characters, to recognise a key
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("revoked_at", sa.Double),  # NULL: active
+    sa.Column("budget_daily_usd", sa.Double),  # NULL: no limit
+    sa.Column("budget_monthly_usd", sa.Double),
+    sa.Column("rpm", sa.Integer),  # requests per minute
+    sa.Column("tpm", sa.Integer),  # tokens (prompt + completion) per minute
+    sa.Column("models", sa.Text, nullable=False, server_default="[]"),  # JSON; []: every route
+    sa.Column("admin", sa.Boolean, nullable=False, server_default=sa.false()),  # stats, tasks
+)
+
 REQUEST_FIELDS = [c.name for c in requests_table.columns]
 ATTEMPT_FIELDS = [c.name for c in attempts_table.columns]
 
@@ -163,6 +183,12 @@ def create_schema(conn: Connection) -> None:
     columns = {c["name"] for c in sa.inspect(conn).get_columns("tasks")}
     if "checked_requests" not in columns:
         _add_checked_requests(conn)
+    request_columns = {c["name"] for c in sa.inspect(conn).get_columns("requests")}
+    if "key_id" not in request_columns:  # ledgers from before API key records
+        conn.execute(sa.text("ALTER TABLE requests ADD COLUMN key_id VARCHAR"))
+        conn.execute(sa.text(
+            "CREATE INDEX IF NOT EXISTS ix_requests_key_id_created_at "
+            "ON requests (key_id, created_at)"))  # fmt: skip
     attempt_columns = {c["name"] for c in sa.inspect(conn).get_columns("attempts")}
     # Ledgers written before attempts recorded these: their rows stay NULL (unknown). A
     # concurrent upgrade's loser fails here and its caller retries, as above.

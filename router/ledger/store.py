@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from router.ledger import queries, summary
+from router.ledger.key_store import SqlKeyStore
 from router.ledger.memory_store import SqlMemoryStore
 from router.ledger.outcomes import outcome_update, outcome_upsert, task_upsert
 from router.ledger.rows import batch_rows
@@ -159,7 +160,20 @@ class Ledger:
         """Escalation memory kept in this ledger's database."""
         return SqlMemoryStore(self._engine, self._ensure_schema)
 
+    def key_store(self) -> SqlKeyStore:
+        """API key records kept in this ledger's database."""
+        return SqlKeyStore(self._engine, self._ensure_schema)
+
     # ---- reads -------------------------------------------------------------------------------
+
+    def key_spend(self, key_id: str, since: float) -> float:
+        """USD spent by ``key_id``'s requests since ``since`` (written rows; what budgets start
+        from after a restart)."""
+        r = requests_table.c
+        query = sa.select(sa.func.coalesce(sa.func.sum(r.cost_usd), 0.0)).where(
+            r.key_id == key_id, r.created_at >= since
+        )
+        return float(self._read(lambda conn: conn.execute(query).scalar_one()))
 
     def _read(self, fn: Callable[[Connection], T]) -> T:
         try:

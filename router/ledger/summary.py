@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 
 from router import stats as st
 from router.ledger.queries import request_filter, task_filter
-from router.ledger.schema import attempts_table, requests_table, tasks_table
+from router.ledger.schema import api_keys_table, attempts_table, requests_table, tasks_table
 
 Percentiles = dict[str, float | None]
 
@@ -133,6 +133,28 @@ def _outcome_groups(conn: Connection, tconds: list[Any]) -> dict[str | None, st.
     return {source: (int(n), int(ok), float(cost)) for source, n, ok, cost in rows}
 
 
+def _by_key(conn: Connection, rconds: list[Any]) -> list[dict[str, Any]]:
+    """Requests, tokens and spend per API key record in the window, most spent first (requests
+    with no key record — an open gateway or a static config key — are not listed)."""
+    r, k = requests_table.c, api_keys_table.c
+    rows = conn.execute(
+        sa.select(
+            r.key_id, sa.func.max(k.name), sa.func.count(), _count_true(r.status != 200),
+            sa.func.coalesce(sa.func.sum(r.prompt_tokens + r.completion_tokens), 0),
+            sa.func.coalesce(sa.func.sum(r.cost_usd), 0.0),
+        )
+        .select_from(requests_table.outerjoin(api_keys_table, k.key_id == r.key_id))
+        .where(*rconds, r.key_id.is_not(None))
+        .group_by(r.key_id)
+    ).all()  # fmt: skip
+    out = [
+        {"key_id": row[0], "name": row[1], "requests": int(row[2]), "errors": int(row[3]),
+         "tokens": int(row[4]), "cost_usd": float(row[5])}
+        for row in rows
+    ]  # fmt: skip
+    return sorted(out, key=lambda e: (-e["cost_usd"], e["key_id"]))
+
+
 def stats(
     conn: Connection,
     dialect: str,
@@ -248,6 +270,7 @@ def stats(
         "latency_s": latency,
         "ttft_s": ttft,
         "by_tier": by_tier,
+        "by_key": _by_key(conn, rconds),
         "speculation": st.speculation(spec[0], spec[1], spec[2]),
         "verified_escalation": st.verified_escalation(*hints),
         "energy": {

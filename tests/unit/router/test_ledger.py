@@ -34,7 +34,7 @@ STATS_KEYS = {
     "counterfactual_cost_usd",
     "savings_usd", "schema_validity_rate", "executable_call_rate", "fallback_rate",
     "fallback_reasons", "latency_s", "ttft_s", "by_tier", "speculation", "energy", "series",
-    "verified_escalation",
+    "verified_escalation", "by_key",
 }  # fmt: skip
 SERIES_KEYS = {"start", "end", "requests", "tasks", "successful_tasks", "cost_usd", "cps_usd",
                "success_rate"}  # fmt: skip
@@ -457,6 +457,7 @@ def test_stats_window_every_field(ledger: Ledger) -> None:
             "llm": {"attempts": 2, "answered": 2, "prompt_tokens": 180,
                     "completion_tokens": 28, "cost_usd": 0.036},
         },
+        "by_key": [],  # no request came in with a key record
         "speculation": {"drafted": 30, "accepted": 21, "steps": 9, "acceptance_rate": 0.7,
                         "mean_accepted_length": 21 / 9},
         # a2's LLM verified the SLM's answer (12 of its 20 tokens reused); c1's regenerated
@@ -1056,6 +1057,37 @@ def test_an_older_attempts_table_gets_the_newer_columns(db_url: str, column: str
         assert new is not None
         assert old["requests"][0]["attempts"][0][column] is None
         assert new["requests"][0]["attempts"][0][column] == value
+    finally:
+        led.close()
+
+
+def test_an_older_requests_table_gets_key_ids(db_url: str) -> None:
+    """A ledger from before API key records: ``requests.key_id`` and its index are added in
+    place; old rows have no key, new rows keep theirs and show in ``by_key``."""
+    from router.ledger import metadata
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            metadata.create_all(conn)
+            conn.execute(sa.text("DROP INDEX ix_requests_key_id_created_at"))
+            conn.execute(sa.text("ALTER TABLE requests DROP COLUMN key_id"))
+            rows = batch_rows([req("o", 1.0, [att("o", 0, "slm", cost_usd=0.001)])])[0]
+            conn.execute(sa.insert(metadata.tables["requests"]),
+                         [{k: v for k, v in r.items() if k != "key_id"} for r in rows])  # fmt: skip
+    finally:
+        engine.dispose()
+    led = Ledger(db_url)
+    led.start()
+    try:
+        new = req("n", 2.0, [att("n", 0, "slm", cost_usd=0.002)])
+        new.key_id = "key-abc"
+        load(led, [new])
+        assert led.key_spend("key-abc", 0.0) == pytest.approx(0.002)
+        (row,) = led.stats()["by_key"]
+        assert (row["key_id"], row["name"], row["requests"]) == ("key-abc", None, 1)
+        indexes = {i["name"] for i in sa.inspect(led._engine).get_indexes("requests")}
+        assert "ix_requests_key_id_created_at" in indexes
     finally:
         led.close()
 
