@@ -20,6 +20,7 @@ learn across requests) happened to propose — so a seeded request stays reprodu
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -235,6 +236,19 @@ class DrafterPool:
         }
         self.lock = threading.Lock()
         self._ids = itertools.count()
+        # called (on the decoding thread) with each finished output's tokens; gateway.learned_sync
+        # publishes them so other replicas' drafters learn from this one's traffic
+        self.on_learned: Callable[[list[int]], None] | None = None
+
+    def learn(self, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
+        """Learn from an output produced elsewhere (another replica), as if it had been decoded
+        here: a whole start/extend/stop lifecycle on every drafter."""
+        req_id = ("learned", next(self._ids))
+        with self.lock:
+            for drafter in self.drafters.values():
+                drafter.start(req_id, prompt_ids)
+                drafter.extend(req_id, output_ids)
+                drafter.stop(req_id)
 
     def add(self, name: str, drafter: Drafter) -> None:
         """Register ``drafter``; a request's ``speculation`` may then name it."""
@@ -276,6 +290,7 @@ class DraftSession:
         self.pool = pool
         self.req_id = req_id
         self.counter = SpecCounter(label)
+        self._output: list[int] = []
         self._drafters = [pool.drafters[name] for name in names]
         self._stand = [d for d in self._drafters if isinstance(d, StandDrafter)]
         self._stand_k = max((d.config.max_stored for d in self._stand), default=0)
@@ -314,6 +329,8 @@ class DraftSession:
 
     def extend(self, tokens: Sequence[int]) -> None:
         if tokens:
+            if self.pool.on_learned is not None:
+                self._output.extend(tokens)
             with self.pool.lock:
                 for drafter in self._drafters:
                     drafter.extend(self.req_id, tokens)
@@ -331,3 +348,8 @@ class DraftSession:
         with self.pool.lock:
             for drafter in self._drafters:
                 drafter.stop(self.req_id)
+        if self.pool.on_learned is not None and self._output:
+            try:
+                self.pool.on_learned(self._output)
+            except Exception:  # sharing is best effort; decoding never fails for it
+                logging.getLogger(__name__).exception("publishing a learned output failed")

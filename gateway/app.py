@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -77,12 +78,14 @@ def create_app(
             gw.ledger.start()
         if gw.router is None:
             threading.Thread(target=gw.load_models, name="model-loader", daemon=True).start()
-        sync = None
-        if gw.shared.health.configured:  # breakers shared with the other replicas
-            sync = asyncio.create_task(gw.breaker_sync.run(), name="breaker-sync")
+        shared: list[asyncio.Task[None]] = []
+        if gw.shared.health.configured:  # breakers and learning shared with the other replicas
+            shared.append(asyncio.create_task(gw.breaker_sync.run(), name="breaker-sync"))
+            shared.append(asyncio.create_task(gw.share_learning(), name="learned-sync"))
         yield
-        if sync is not None:
-            sync.cancel()
+        for task in shared:
+            task.cancel()
+        await asyncio.gather(*shared, return_exceptions=True)
         await gw.settled()
         await gw.shared.aclose()
         if gw.telemetry is not None:
@@ -144,6 +147,10 @@ def create_app(
                 body["shadow"] = dict(gw.shadows.counts)
             if servers := gw.servers():  # launched vLLM servers: state, pid, restarts
                 body["servers"] = servers
+            if gw.shared.health.configured:  # Redis: up, or this replica on its own state
+                body["shared_state"] = dataclasses.asdict(gw.shared.health)
+                if gw.learned is not None:  # outputs and examples shared with other replicas
+                    body["shared_state"]["learned"] = dict(gw.learned.counts)
             return JSONResponse(body)
         status = "failed" if gw.load_error else "loading"
         return JSONResponse({"status": status, "error": gw.load_error}, 503)
@@ -151,6 +158,8 @@ def create_app(
     @app.get("/metrics")
     async def metrics_endpoint(request: Request) -> Response:
         gw.servers()  # refreshes the launched servers' state gauges
+        if gw.shared.health.configured:
+            gw.metrics.shared_up.set(1 if gw.shared.health.up else 0)
         body, content_type = gw.metrics.render()
         return Response(body, media_type=content_type)
 
@@ -240,6 +249,8 @@ def create_app(
             _ledger(gw).stats, seconds, route, buckets
         )
         result["ledger"] = _ledger(gw).health()
+        if gw.shared.health.configured:
+            result["shared_state"] = dataclasses.asdict(gw.shared.health)
         return result
 
     @app.get("/v1/tasks")

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from decoding.backend import Backend
 from decoding.resilience import CircuitBreaker
+from decoding.speculative import DrafterPool
 from decoding.types import GenerationRequest
 from gateway.breaker_sync import BreakerSync
 from gateway.config import GatewayConfig
@@ -36,6 +37,7 @@ from router.shadow import ShadowRunner
 from schemas.errors import OverloadedError, SlmgateError
 
 if TYPE_CHECKING:
+    from gateway.learned_sync import LearnedSync
     from gateway.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,7 @@ class Gateway:
         self._admitted: dict[str, ApiKey] = {}  # key records seen, for settling their spend
         self._background: set[asyncio.Task[None]] = set()
         self.telemetry = telemetry_of(config)
+        self.learned: LearnedSync | None = None  # with redis_url, once the models are loaded
         if router is not None:
             self.attach_memory(router)
 
@@ -142,6 +145,37 @@ class Gateway:
             router.use_memory_store(self.ledger.memory_store())
         except Exception:
             log.exception("escalation memory: the ledger database is unavailable; not persisted")
+
+    async def share_learning(self) -> None:
+        """Once the models are loaded, share what drafters and escalation memories learn with
+        the other replicas (``gateway.learned_sync``) until cancelled."""
+        import redis.asyncio as aioredis
+
+        from gateway.learned_sync import LearnedSync
+
+        while self.router is None:
+            if self.load_error:
+                return
+            await asyncio.sleep(0.5)
+        router = self.router
+        client = aioredis.Redis.from_url(
+            self.config.redis_url or "", socket_timeout=5.0, socket_connect_timeout=2.0,
+            decode_responses=True,
+        )  # fmt: skip
+        sync = LearnedSync(client, self.shared.key("learned"))
+        pools = {}
+        for name, backend in router.backends.items():
+            if isinstance(pool := getattr(backend, "drafters", None), DrafterPool):
+                pools[name] = pool
+        for route in router.routes.values():
+            if (memory := router.memory(route)) is not None:
+                sync.watch_memory(memory)
+        sync.attach(pools, lambda: router.memories)
+        self.learned = sync
+        try:
+            await sync.run()
+        finally:
+            await client.aclose()
 
     def breakers(self) -> dict[str, CircuitBreaker]:
         """The circuit breaker of every backend that has one (remote backends)."""

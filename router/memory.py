@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -137,6 +137,8 @@ class EscalationMemory:
 
     def __init__(self, route: str, config: MemoryConfig, store: MemoryStore | None = None):
         self.route, self.config, self.store = route, config, store
+        # called with each example this replica verified (gateway.learned_sync publishes it)
+        self.on_add: Callable[[MemoryExample], None] | None = None
         self._lock = threading.Lock()
         self._examples: list[MemoryExample] = (
             store.load(route, config.max_examples) if store is not None else []
@@ -167,9 +169,15 @@ class EscalationMemory:
         example = MemoryExample(
             example_id(self.route, tools, prompt), self.route, tools, prompt, answer_text, now
         )
+        self.adopt(example)
+        if self.store is not None:
+            self.store.save(example, self.config.max_examples)
+        if self.on_add is not None:
+            self.on_add(example)
+        return example
+
+    def adopt(self, example: MemoryExample) -> None:
+        """Keep an example in memory only: another replica verified and stored it."""
         with self._lock:
             self._examples = [e for e in self._examples if e.id != example.id] + [example]
             del self._examples[: max(0, len(self._examples) - self.config.max_examples)]
-        if self.store is not None:
-            self.store.save(example, self.config.max_examples)
-        return example

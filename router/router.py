@@ -171,6 +171,11 @@ class Router:
         for route in self.routes.values():
             self.memory(route)
 
+    @property
+    def memories(self) -> dict[str, EscalationMemory]:
+        """The escalation memories made so far, by route."""
+        return self._memories
+
     def memory(self, route: Route) -> EscalationMemory | None:
         """The route's escalation memory: cascades with ``memory.enabled`` only."""
         if not (route.memory.enabled and route.cascades):

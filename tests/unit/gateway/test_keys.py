@@ -139,6 +139,31 @@ async def test_a_revoked_key_stops_working(client: httpx.AsyncClient, ledger: Le
                               headers=auth(secret))).status_code == 401  # fmt: skip
 
 
+async def test_redis_down_never_fails_a_request_and_is_visible(
+    upstream: ThreadedUpstream, ledger: Ledger
+) -> None:
+    spec = model_spec(upstream)
+    config = GatewayConfig(models=(spec,), routes=(), api_keys=(ADMIN,),
+                           redis_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
+    app = create_app(config, Router({"up": build_backend(spec)}, {"up": Route("up", ("up",))}),
+                     ledger)  # fmt: skip
+    _, secret = ledger.key_store().create("limited", KeyLimits(rpm=100, budget_daily_usd=5.0))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://test") as client:  # fmt: skip
+        for _ in range(3):
+            reply = await client.post("/v1/chat/completions", json=BODY, headers=auth(secret))
+            assert reply.status_code == 200
+        await app.state.gateway.settled()
+        ready = (await client.get("/readyz", headers=auth(ADMIN))).json()
+        metrics = (await client.get("/metrics", headers=auth(ADMIN))).text
+    shared = ready["shared_state"]
+    assert (shared["configured"], shared["up"]) == (True, False)
+    assert shared["fallbacks"] >= 3
+    assert "ConnectionError" in shared["last_error"] or "Connection" in shared["last_error"]
+    assert "slmgate_shared_state_up 0.0" in metrics
+    assert 'slmgate_shared_state_fallbacks_total{op="read_and_add"}' in metrics
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0
