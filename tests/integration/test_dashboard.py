@@ -152,6 +152,12 @@ def stats_for(route: str | None) -> dict[str, Any]:
         "verified_escalation": {"verified": 5, "regenerated": 1, "drafted_tokens": 300,
                                 "reused_tokens": 126, "reused_share": 0.6},
         "energy": {"joules": 91.5, "joules_per_request": 3.05, "measured": False},
+        "by_key": [
+            {"key_id": "key-0a1b2c3d4e5f", "name": "ci-bot", "requests": 20, "errors": 1,
+             "tokens": 4200, "cost_usd": 0.0061},
+            {"key_id": "key-ffeeddccbbaa", "name": EVIL, "requests": 4, "errors": 0,
+             "tokens": 900, "cost_usd": 0.0009},
+        ],
         "series": series,
     }  # fmt: skip
     if route == "cheap":  # measured energy, no speculation, no reports, unpriced top tier
@@ -167,7 +173,7 @@ def stats_for(route: str | None) -> dict[str, Any]:
                      verified_escalation={"verified": 0, "regenerated": 0, "drafted_tokens": 0,
                                           "reused_tokens": 0, "reused_share": None},
                      energy={"joules": 12.5, "joules_per_request": 2.5, "measured": True},
-                     series=[bucket(3, 5, 2, 1, 0.0004)])  # fmt: skip
+                     by_key=[], series=[bucket(3, 5, 2, 1, 0.0004)])  # fmt: skip
     return stats
 
 
@@ -422,6 +428,8 @@ def assert_charts_equal(page: Any, stats: dict[str, Any]) -> None:
     tokens |= {f"{t}:out": v["completion_tokens"] for t, v in tiers.items()}
     assert bars(page, "chart-tokens-by-tier") == tokens
     assert bars(page, "chart-fallback-reasons") == stats["fallback_reasons"]
+    keys = stats.get("by_key", [])
+    assert bars(page, "chart-spend-by-key") == {k["key_id"]: k["cost_usd"] for k in keys}
     if stats["requests"]:
         assert bars(page, "chart-savings") == {
             "actual": stats["cost_usd"],
