@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from decoding.backend import BackendInfo, FinishEvent
+from decoding.constraint import JsonObject, NoConstraint
 from decoding.openai_wire import (
     StreamAssembler,
     TokenTable,
@@ -167,6 +168,13 @@ class RemoteBackend:
             req, vllm_extras=self.config.vllm_extras, context_length=self.config.context_length
         )
         return RemotePrepared(req)
+
+    async def prepare_async(self, req: GenerationRequest) -> RemotePrepared:
+        """``prepare`` inline when there is no schema to check (microseconds: no thread hop),
+        on a worker thread when there is (a large schema takes milliseconds to check)."""
+        if isinstance(req.constraint, NoConstraint | JsonObject):
+            return self.prepare(req)
+        return await asyncio.to_thread(self.prepare, req)
 
     async def complete(
         self, req: GenerationRequest, prepared: RemotePrepared | None = None
@@ -361,35 +369,39 @@ class OpenAICompatBackend(RemoteBackend):
         prompt_tokens = cached_tokens = completion_tokens = 0
         events_seen: dict[int, int] = {}  # token events per choice
         done = False
+        # Read to the end of the body, past [DONE]: a stream left unread is a connection closed,
+        # and the next request pays a new TCP handshake.
         with self._transport_errors():
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                try:
-                    chunk = json.loads(data)
-                except json.JSONDecodeError:
-                    raise UpstreamError(f"backend {name}: malformed SSE data") from None
-                if not isinstance(chunk, dict):
-                    continue
-                if "error" in chunk:
-                    raise stream_error(chunk, name)
-                usage = chunk.get("usage")
-                if isinstance(usage, dict):
-                    prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                    cached_tokens = cached_of(usage)
-                    completion_tokens = int(usage.get("completion_tokens") or 0)
-                for position, choice in enumerate(chunk.get("choices") or []):
-                    if not isinstance(choice, dict):
+            lines_of: Any = response.aiter_lines()  # an async generator: closed, not collected
+            async with contextlib.aclosing(lines_of) as lines:
+                async for line in lines:
+                    if done or not line.startswith("data:"):
                         continue
-                    index = int(choice.get("index", position))
-                    assembler = choices.setdefault(index, StreamAssembler(index, self.tokens))
-                    for event in assembler.push(choice):
-                        events_seen[index] = events_seen.get(index, 0) + 1
-                        yield event
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        done = True
+                        continue
+                    try:
+                        chunk = json.loads(data)
+                    except json.JSONDecodeError:
+                        raise UpstreamError(f"backend {name}: malformed SSE data") from None
+                    if not isinstance(chunk, dict):
+                        continue
+                    if "error" in chunk:
+                        raise stream_error(chunk, name)
+                    usage = chunk.get("usage")
+                    if isinstance(usage, dict):
+                        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                        cached_tokens = cached_of(usage)
+                        completion_tokens = int(usage.get("completion_tokens") or 0)
+                    for position, choice in enumerate(chunk.get("choices") or []):
+                        if not isinstance(choice, dict):
+                            continue
+                        index = int(choice.get("index", position))
+                        assembler = choices.setdefault(index, StreamAssembler(index, self.tokens))
+                        for event in assembler.push(choice):
+                            events_seen[index] = events_seen.get(index, 0) + 1
+                            yield event
         if not choices or not (done or all(c.finished for c in choices.values())):
             raise UpstreamError(f"backend {name}: the stream ended before the answer did")
         order = sorted(choices)

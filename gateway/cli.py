@@ -28,6 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or config.host
     port = args.port or config.port
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per upstream call
     for m in config.models:
         if m.kind != "embedded":
             where = m.base_url or (m.launch and f"launched from {m.launch.model}") or m.kind

@@ -15,6 +15,7 @@ The rule (one place, used by the writer's upsert, the schema upgrade and the row
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import sqlalchemy as sa
@@ -61,6 +62,7 @@ def inferred_outcome(failed: Any, checked: Any) -> tuple[Any, Any]:
     return success, source
 
 
+@functools.cache  # built once per dialect, not per batch
 def task_upsert(dialect: str) -> Any:
     """Add a batch's per-task deltas to the running totals and re-infer the outcome, unless
     one was reported."""

@@ -47,8 +47,12 @@ class Writer:
         backoff_s: float = 0.05,
         on_failure: OnFailure | None = None,
         on_drop: OnDrop | None = None,
+        gather_s: float = 0.02,
     ) -> None:
         self._sink = sink
+        # How long a batch waits for more records after its first: one transaction for a busy
+        # burst instead of one per request (each holds the GIL the event loop needs).
+        self._gather_s = gather_s
         self._queue: queue.Queue[RequestRecord] = queue.Queue(maxsize=queue_size)
         self._batch_size = max(1, batch_size)
         self._retries = max(0, retries)
@@ -208,9 +212,14 @@ class Writer:
                     return
                 continue
             batch = [first]
+            deadline = time.monotonic() + self._gather_s
             while len(batch) < self._batch_size:
+                wait = deadline - time.monotonic()
                 try:
-                    batch.append(self._queue.get_nowait())
+                    if wait <= 0 or self._stop.is_set():
+                        batch.append(self._queue.get_nowait())
+                    else:
+                        batch.append(self._queue.get(timeout=wait))
                 except queue.Empty:
                     break
             try:
