@@ -317,7 +317,12 @@ class OpenAICompatBackend(RemoteBackend):
         Opening the stream is retried like a call (an error before the first byte); once
         chunks flow, a failure is raised as it is (what was yielded cannot be taken back) and
         counted against the circuit breaker. ``FinishEvent``s come at the end of the stream,
-        after the usage chunk that carries the prompt token count."""
+        after the usage chunk that carries the prompt token count. A request nobody reads
+        incrementally (``req.incremental`` False) is asked for whole, without a stream."""
+        if not req.incremental:
+            async for event in super().generate(req, prepared):
+                yield event
+            return
         if prepared is None:
             self.prepare(req)
 

@@ -79,6 +79,10 @@ class GenerationRequest:
     # engine verifies it as a speculative draft, so the output is still this model's own and
     # only the number of passes changes. Backends without ``supports_draft_hint`` ignore it.
     draft_hint: str = ""
+    # False: nothing reads the tokens as they come (a client that does not stream, no early
+    # fallback watching), so a remote backend may ask its server for the whole answer at once
+    # instead of parsing a server-sent-event stream.
+    incremental: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from decoding.backend import BackendInfo, FinishEvent, collect
@@ -145,6 +145,8 @@ class Attempt:
         if prepare:
             self.prepared = await prepare_on_async(self.backend, req)
         watch = not self.final and self.route.cascades and self.route.early_fallback.enabled
+        if watch and not req.incremental:  # early fallback reads tokens as they come
+            req = replace(req, incremental=True)
         watches: dict[int, CollapseWatch] = {}
         committed = window == 0
         if self.energy is not None:

@@ -82,4 +82,5 @@ def generation_request(
         tools=tuple(tools),
         request_id=request_id,
         task_id=task_id,
+        incremental=bool(req.stream),
     )
