@@ -187,6 +187,7 @@ def create_app(
         if gw.in_flight >= limits.max_queue:
             raise OverloadedError("too many requests in flight; retry shortly")
         trace = Trace(req.request_id, route.name, task_id)
+        trace.traceparent = request.headers.get("traceparent")
         await gw.admit(getattr(request.state, "caller", None), route.name, trace)  # 403/429
         caller = gw.caller(request)
         gw.callers.acquire(caller)  # released when the answer (or the stream) is done

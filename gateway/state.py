@@ -259,7 +259,8 @@ class Gateway:
             self._settle(record)
             if self.telemetry is not None:
                 key = self._admitted.get(record.key_id or "")
-                self.telemetry.export(record, api_key_name=None if key is None else key.name)
+                self.telemetry.export(record, api_key_name=None if key is None else key.name,
+                                      traceparent=trace.traceparent)  # fmt: skip
             self.metrics.observe_request(record)
             for attempt in record.attempts:
                 if attempt.outcome == "error":

@@ -35,6 +35,7 @@ class Trace:
     answer: Answer | None = None  # set when a stream finished: what it answered with
     streaming_from: str | None = None  # backend whose tokens a stream is sending now
     key_id: str | None = None  # the API key record the request came in with
+    traceparent: str | None = None  # the caller's W3C trace context: its spans join that trace
 
     def mark_first_token(self) -> None:
         if self.first_token_at is None:

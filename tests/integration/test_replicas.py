@@ -206,8 +206,12 @@ def stats_of(node: Replica) -> dict[str, Any]:
 def test_stats_agree_on_every_replica_and_spans_reach_the_collector(cluster: Cluster) -> None:
     created = cluster.create_key("traced", "--rpm", "1000")
     r = cluster.replicas
+    caller_trace, caller_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     for i, node in enumerate(r * 2):
-        assert node.post(BODY, created["key"], **{"x-task-id": f"traced-{i}"}).status_code == 200
+        headers = {"x-task-id": f"traced-{i}"}
+        if i == 0:  # a caller with its own trace: the gateway's spans join it
+            headers["traceparent"] = f"00-{caller_trace}-{caller_span}-01"
+        assert node.post(BODY, created["key"], **headers).status_code == 200
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # each replica's ledger writer flushes on its own
         views = [stats_of(node) for node in r]
@@ -236,6 +240,8 @@ def test_stats_agree_on_every_replica_and_spans_reach_the_collector(cluster: Clu
         assert attrs["gen_ai.usage.cost"] > 0
         children = [s for s in spans if s["parent_span_id"] == span["span_id"]]
         assert [c["attributes"]["slmgate.outcome"] for c in children] == ["accepted"]
+    (joined,) = [s for s in mine if s["attributes"]["gen_ai.conversation.id"] == "traced-0"]
+    assert (joined["trace_id"], joined["parent_span_id"]) == (caller_trace, caller_span)
 
 
 def test_no_ledger_row_is_lost_when_a_replica_is_stopped_mid_run(cluster: Cluster) -> None:
