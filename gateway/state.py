@@ -316,8 +316,12 @@ class Gateway:
         return self.router
 
     def caller(self, request: Request) -> str:
-        """Who a request counts against for ``max_concurrent_per_key``: its API key (hashed, so
-        keys are not kept around in the clear) or, on an open gateway, its client address."""
+        """Who a request counts against for ``max_concurrent_per_key``: its key record, its
+        static API key (hashed, so keys are not kept around in the clear) or, on an open
+        gateway, its client address."""
+        known = getattr(request.state, "caller", None)
+        if isinstance(known, Caller) and known.key_id is not None:
+            return "key:" + known.key_id
         key = bearer_key(request.headers.get("authorization", ""))
         if self.config.api_keys and key:
             return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]

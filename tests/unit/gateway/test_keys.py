@@ -234,3 +234,22 @@ def test_the_keys_command_creates_lists_and_revokes(tmp_path: Path) -> None:
             stored = conn.exec_driver_sql("SELECT key_hash FROM api_keys").scalar_one()
     assert created["key"] not in stored
     assert len(stored) == 64
+
+
+def test_concurrency_is_counted_per_key_record_not_per_address(ledger: Ledger) -> None:
+    from starlette.requests import Request
+
+    from gateway.keys import Caller
+    from gateway.metrics import GatewayMetrics
+    from gateway.state import Gateway
+
+    gw = Gateway(GatewayConfig(routes=()), None, ledger, GatewayMetrics())
+    key, _ = ledger.key_store().create("a", KeyLimits())
+
+    def request(caller: Caller | None) -> Request:
+        state = {} if caller is None else {"caller": caller}
+        return Request({"type": "http", "headers": [], "client": ("10.0.0.1", 5),
+                        "state": state})  # fmt: skip
+
+    assert gw.caller(request(Caller(key))) == f"key:{key.key_id}"
+    assert gw.caller(request(None)) == "ip:10.0.0.1"
