@@ -105,7 +105,7 @@ class RedisCounters:
             pipe.mget(list(reads))
         if add is not None:
             pipe.incrbyfloat(add[0], add[1])
-            pipe.expire(add[0], ttl_s, nx=True)
+            pipe.expire(add[0], ttl_s)  # window keys: a refreshed ttl is harmless (no NX: Redis 6)
         out = await pipe.execute()
         values = [0.0 if v is None else float(v) for v in out[0]] if reads else []
         added = None if add is None else float(out[1 if reads else 0])
@@ -115,7 +115,7 @@ class RedisCounters:
         pipe = self.client.pipeline(transaction=False)
         for key, amount, ttl_s in adds:
             pipe.incrbyfloat(key, amount)
-            pipe.expire(key, ttl_s, nx=True)
+            pipe.expire(key, ttl_s)
         await pipe.execute()
 
     async def seed(self, key: str, value: float, ttl_s: int) -> None:
@@ -210,14 +210,15 @@ class SharedState:
         self, reads: Sequence[str], add: tuple[str, float] | None, ttl_s: int
     ) -> tuple[list[float], float | None]:
         """The current values of ``reads`` and, in the same round trip, ``add`` applied to
-        one counter (its new value); a new counter expires ``ttl_s`` after its first add."""
+        one counter (its new value); a counter expires ``ttl_s`` after it was last added to (at
+        the latest: window keys carry their window in their name)."""
         result: tuple[list[float], float | None] = await self._call(
             "read_and_add", reads, add, ttl_s
         )
         return result
 
     async def add_many(self, adds: Sequence[tuple[str, float, int]]) -> None:
-        """Add to several counters; each new one expires after its own ttl (seconds)."""
+        """Add to several counters, each with its own ttl (seconds)."""
         if adds:
             await self._call("add_many", adds)
 

@@ -3,6 +3,7 @@ survive restarts, Redis outages that degrade to local state, breakers adopted ac
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
@@ -180,3 +181,39 @@ async def test_local_counters_expire_and_stay_bounded() -> None:
         await local.seed(name, 1.0, 100)
     assert len(local._values) <= 3
     assert (await local.read_and_add(["f"], None, 10))[0] == [1.0]  # the newest stays
+
+
+async def test_redis_counters_on_the_machines_redis() -> None:
+    """The Redis implementation behaves as the local one: windows add up, seeds do not
+    overwrite, deadlines expire."""
+    import time
+    import uuid
+
+    from gateway.shared_state import RedisCounters
+    from tests import postgres
+
+    redis = RedisCounters("redis://127.0.0.1:6379/0")
+    prefix = f"slmgate-test-{uuid.uuid4().hex[:8]}"
+    try:
+        await redis.client.ping()
+    except Exception as exc:
+        await redis.aclose()
+        postgres.service_missing(f"Redis at 127.0.0.1:6379 is unreachable: {exc}")
+    try:
+        a, b = f"{prefix}:a", f"{prefix}:b"
+        assert await redis.read_and_add([a], (b, 1.0), 60) == ([0.0], 1.0)
+        assert await redis.read_and_add([], (b, 1.5), 60) == ([], 2.5)
+        await redis.seed(a, 4.0, 60)
+        await redis.seed(a, 9.0, 60)  # another replica seeded first: kept
+        await redis.add_many([(a, 0.5, 60), (b, 1.0, 60)])
+        assert (await redis.read_and_add([a, b], None, 60))[0] == [4.5, 3.5]
+        assert 0 < await redis.client.ttl(a) <= 60
+        until = time.time() + 0.3
+        await redis.set_until(f"{prefix}:u", until)
+        assert await redis.get_until([f"{prefix}:u", f"{prefix}:none"]) == [until, None]
+        await asyncio.sleep(0.4)
+        assert await redis.get_until([f"{prefix}:u"]) == [None]
+    finally:
+        for name in await redis.client.keys(f"{prefix}:*"):
+            await redis.client.delete(name)
+        await redis.aclose()
