@@ -158,18 +158,20 @@ class Gateway:
                 return
             await asyncio.sleep(0.5)
         router = self.router
+        pools = {}
+        for name, backend in router.backends.items():
+            if isinstance(pool := getattr(backend, "drafters", None), DrafterPool):
+                pools[name] = pool
+        memories = [m for r in router.routes.values() if (m := router.memory(r)) is not None]
+        if not pools and not memories:  # remote tiers only, no memory: nothing to share
+            return
         client = aioredis.Redis.from_url(
             self.config.redis_url or "", socket_timeout=5.0, socket_connect_timeout=2.0,
             decode_responses=True,
         )  # fmt: skip
         sync = LearnedSync(client, self.shared.key("learned"))
-        pools = {}
-        for name, backend in router.backends.items():
-            if isinstance(pool := getattr(backend, "drafters", None), DrafterPool):
-                pools[name] = pool
-        for route in router.routes.values():
-            if (memory := router.memory(route)) is not None:
-                sync.watch_memory(memory)
+        for memory in memories:
+            sync.watch_memory(memory)
         sync.attach(pools, lambda: router.memories)
         self.learned = sync
         try:
@@ -270,10 +272,8 @@ class Gateway:
                 route = self.router.routes.get(trace.route)
                 if route is not None and route.policy == "shadow":
                     self.shadow_runner().submit(route, req, answer, trace)
-            for name, backend in (self.router.backends if self.router else {}).items():
-                breaker = getattr(backend, "breaker", None)
-                if breaker is not None:
-                    self.metrics.set_breaker_state(name, breaker.state)
+            for name, breaker in self.breakers().items():
+                self.metrics.set_breaker_state(name, breaker.state)
         except Exception:
             log.exception("could not build the ledger record for %s", trace.request_id)
 
