@@ -10,6 +10,14 @@ the gold answer.
 
     python -m benchmarks.gsm8k_eval --serve --limit 10 --policies slm,llm,auto,reason
 
+``--format json`` asks for the same solution as a JSON schema instead (``steps``, then a numeric
+``answer``; correct only when the reply parses and its ``answer`` equals the gold), so the two
+kinds of request a deferral rule tells apart besides tool calls, free text and JSON, both get
+labelled answers: ``--labels FILE`` writes one row per answer of ``--label-policy`` (its
+signals, its kind, right or wrong) for ``slmgate calibrate``. ``--concurrency N`` keeps N
+requests in flight (the batching engine serves them together; latencies are then not
+single-stream).
+
 Per policy: accuracy, p50 and mean latency, the large tier's generated tokens (every attempt on
 the route's top tier: steps it wrote and one-token judgements) and cost per correct answer; and
 each policy's latency against ``--baseline`` (default ``llm``) as a ratio of means.
@@ -23,6 +31,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +46,19 @@ SYSTEM_PROMPT = (
     "Solve the math problem step by step. Write each step on its own line, with a blank line "
     "between steps. Finish with a last line of the form '#### <number>'."
 )
+JSON_SYSTEM_PROMPT = (
+    "Solve the math problem step by step. Reply with a JSON object: 'steps', the reasoning "
+    "steps as short strings, then 'answer', the final number."
+)
+ANSWER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "steps": {"type": "array", "items": {"type": "string"}},
+        "answer": {"type": "number"},
+    },
+    "required": ["steps", "answer"],
+    "additionalProperties": False,
+}
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -76,10 +98,46 @@ def final_number(text: str) -> str | None:
     return value
 
 
+def json_answer(text: str) -> str | None:
+    """The ``answer`` of a JSON reply, normalised like :func:`final_number`; None when the reply
+    is not a JSON object with a numeric answer (a cut or malformed reply is a wrong one).
+
+    >>> json_answer('{"steps": ["3 + 4 = 7"], "answer": 7.0}'), json_answer('{"steps": [')
+    ('7', None)
+    """
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    value = data.get("answer") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return final_number(repr(value) if isinstance(value, float) else str(value))
+
+
+def request_body(problem: Problem, policy: str, max_tokens: int, fmt: str) -> dict[str, Any]:
+    """The chat request for one problem: free text ending in ``#### N``, or a JSON schema."""
+    system = JSON_SYSTEM_PROMPT if fmt == "json" else SYSTEM_PROMPT
+    body: dict[str, Any] = {
+        "model": policy,
+        "messages": [{"role": "system", "content": system},
+                     {"role": "user", "content": problem.question}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }  # fmt: skip
+    if fmt == "json":
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "solution", "strict": True, "schema": ANSWER_SCHEMA},
+        }
+    return body
+
+
 @dataclass(slots=True)
 class Record:
     index: int
     policy: str
+    kind: str = "text"  # the deferral rule's kind of request: "text" or "json"
     correct: bool = False
     answer: str | None = None
     error: str | None = None
@@ -90,18 +148,13 @@ class Record:
     tier: str | None = None
     reasoning: dict[str, Any] | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    signals: dict[str, float] = field(default_factory=dict)
 
 
 def run_problem(client: httpx.Client, problem: Problem, policy: str, max_tokens: int,
-                top_tier: str) -> Record:  # fmt: skip
-    record = Record(problem.index, policy)
-    body = {
-        "model": policy,
-        "messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                     {"role": "user", "content": problem.question}],
-        "temperature": 0,
-        "max_tokens": max_tokens,
-    }  # fmt: skip
+                top_tier: str, fmt: str = "text") -> Record:  # fmt: skip
+    record = Record(problem.index, policy, kind=fmt)
+    body = request_body(problem, policy, max_tokens, fmt)
     started = time.perf_counter()
     try:
         response = client.post("/v1/chat/completions", json=body)
@@ -115,7 +168,7 @@ def run_problem(client: httpx.Client, problem: Problem, policy: str, max_tokens:
         record.error = f"{type(exc).__name__}: {exc}"[:300]
         return record
     text = reply["choices"][0]["message"].get("content") or ""
-    record.answer = final_number(text)
+    record.answer = json_answer(text) if fmt == "json" else final_number(text)
     record.correct = record.answer is not None and record.answer == problem.gold
     record.completion_tokens = int(reply.get("usage", {}).get("completion_tokens") or 0)
     facts = reply.get("slmgate") or {}
@@ -123,6 +176,12 @@ def run_problem(client: httpx.Client, problem: Problem, policy: str, max_tokens:
     record.tier = facts.get("tier")
     record.reasoning = facts.get("specreason")
     record.attempts = [a for a in facts.get("attempts") or [] if isinstance(a, dict)]
+    signals = facts.get("signals")
+    if isinstance(signals, dict):
+        record.signals = {
+            str(k): float(v) for k, v in signals.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }  # fmt: skip
     record.top_tier_tokens = sum(
         int(a.get("completion_tokens") or 0) for a in record.attempts if a.get("tier") == top_tier
     )
@@ -148,6 +207,16 @@ def summarize(records: Sequence[Record], policy: str) -> dict[str, Any]:
         "cost_per_correct_usd": cost / correct if correct else None,
         "step_acceptance": _acceptance(rows),
     }
+
+
+def label_rows(records: Sequence[Record], policy: str) -> list[dict[str, Any]]:
+    """Rows for ``slmgate calibrate --labels``: one policy's signals, kind and verdict. Answers
+    whose request failed carry no signals and are left out."""
+    return [
+        {"signals": r.signals, "kind": r.kind, "success": r.correct, "id": f"gsm8k-{r.index}"}
+        for r in records
+        if r.policy == policy and r.error is None and r.signals
+    ]
 
 
 def _acceptance(rows: Sequence[Record]) -> float | None:
@@ -203,6 +272,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--format", choices=("text", "json"), default="text",
+                   help="free text ending in '#### N', or a JSON schema with a numeric answer")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="requests in flight (problem by problem, policies interleaved)")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="write --label-policy's answers as labelled rows for slmgate calibrate")
+    p.add_argument("--label-policy", default="slm")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per request")
     p.add_argument("--json", type=Path, default=None, help="write summaries and every record")
     p.add_argument("--quiet", action="store_true")
@@ -222,23 +298,38 @@ def main(argv: list[str] | None = None) -> int:
         if base is None or args.serve:
             base = stack.enter_context(serve_gateway(args.config, args.ready_timeout))
         headers = {"Authorization": f"Bearer {args.api_key}"}
-        with httpx.Client(base_url=base, timeout=args.timeout, headers=headers) as client:
-            for problem in problems:
-                for policy in policies:
-                    r = run_problem(client, problem, policy, args.max_tokens, args.top_tier)
-                    records.append(r)
-                    if not args.quiet:
-                        print(f"[{problem.index}] {policy}: {'ok' if r.correct else 'no'} "
-                              f"({r.answer} vs {problem.gold}), {r.latency_s:.1f} s, "
-                              f"{r.top_tier_tokens} top-tier tokens", file=sys.stderr)  # fmt: skip
+        limits = httpx.Limits(max_connections=max(args.concurrency, 1))
+        with (
+            httpx.Client(base_url=base, timeout=args.timeout, headers=headers,
+                         limits=limits) as client,
+            ThreadPoolExecutor(max(args.concurrency, 1)) as pool,
+        ):  # fmt: skip
+            jobs = [(problem, policy) for problem in problems for policy in policies]
+            futures = [
+                pool.submit(run_problem, client, problem, policy, args.max_tokens,
+                            args.top_tier, args.format)
+                for problem, policy in jobs
+            ]  # fmt: skip
+            for (problem, policy), future in zip(jobs, futures, strict=True):
+                r = future.result()
+                records.append(r)
+                if not args.quiet:
+                    print(f"[{problem.index}] {policy}: {'ok' if r.correct else 'no'} "
+                          f"({r.answer} vs {problem.gold}), {r.latency_s:.1f} s, "
+                          f"{r.top_tier_tokens} top-tier tokens", file=sys.stderr)  # fmt: skip
     summaries = [summarize(records, p) for p in policies]
+    flight = "one request at a time" if args.concurrency <= 1 else f"{args.concurrency} in flight"
     print(f"GSM8K {args.data.name} problems {args.offset}..{args.offset + len(problems) - 1}, "
-          f"max_tokens {args.max_tokens}, {platform.machine()} x{_cores()} cores, one request "
-          "at a time")  # fmt: skip
+          f"format {args.format}, max_tokens {args.max_tokens}, {platform.machine()} "
+          f"x{_cores()} cores, {flight}")  # fmt: skip
     print(render(summaries, args.baseline))
     if args.json:
         report = {"summaries": summaries, "records": [asdict(r) for r in records]}
         args.json.write_text(json.dumps(report, indent=1))
+    if args.labels:
+        rows = label_rows(records, args.label_policy)
+        args.labels.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        print(f"{len(rows)} labelled {args.label_policy} answers written to {args.labels}")
     return 0
 
 
