@@ -56,6 +56,7 @@ from decoding.types import (
     GenerationResult,
     TokenEvent,
 )
+from decoding.upstream_http import JsonPoster
 from schemas.errors import (
     InvalidRequestError,
     RequestTimeoutError,
@@ -247,8 +248,9 @@ class RemoteBackend:
 
 
 class OpenAICompatBackend(RemoteBackend):
-    """Any OpenAI-compatible chat completions server, over httpx. ``complete`` makes one
-    non-streaming call; ``generate`` streams with SSE.
+    """Any OpenAI-compatible chat completions server. ``complete`` makes one non-streaming
+    call (over aiohttp, ``decoding.upstream_http``: the gateway's hot path); ``generate``
+    streams with SSE over httpx. A ``transport`` given (tests, recording) carries both.
 
     Sends ``response_format``/``tools``/``tool_choice`` through (vLLM enforces them with its
     structured-output backends); asks for logprobs with at least ``MIN_TOP_LOGPROBS`` top
@@ -277,6 +279,11 @@ class OpenAICompatBackend(RemoteBackend):
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._poster = (
+            JsonPoster(config.name, self.base_url, self._headers, config.timeout_s)
+            if transport is None
+            else None
+        )
 
     def _http(self) -> httpx.AsyncClient:
         """One client per event loop (a pooled connection cannot move between loops)."""
@@ -297,14 +304,23 @@ class OpenAICompatBackend(RemoteBackend):
         payload = {"model": self.config.model, **body, **extras}
         headers = {"X-Task-Id": req.task_id} if req.task_id else None
         name = self.config.name
-        with self._transport_errors():
-            response = await self._http().post("/chat/completions", json=payload, headers=headers)
-        if response.status_code >= 400:
-            raise self._status_error(response)
+        if self._poster is not None:
+            reply = await self._poster.post("/chat/completions", payload, headers)
+            status, raw = reply.status, reply.body
+            reason, retry_after = reply.reason, reply.headers.get("retry-after")
+        else:
+            with self._transport_errors():
+                response = await self._http().post("/chat/completions", json=payload,
+                                                   headers=headers)  # fmt: skip
+            status, raw = response.status_code, response.content
+            reason, retry_after = response.reason_phrase, response.headers.get("retry-after")
         try:
-            data = response.json()
+            data = json.loads(raw)
         except ValueError:
             data = None
+        if status >= 400:
+            text = raw.decode("utf-8", "replace")
+            raise self._error_of(status, data, text or reason, retry_after)
         if not isinstance(data, dict):
             raise UpstreamError(f"backend {name}: the response is not a JSON object")
         return data
@@ -436,13 +452,23 @@ class OpenAICompatBackend(RemoteBackend):
             data = response.json()
         except ValueError:
             data = None
-        message, code, param = error_fields(data, response.text[:500] or response.reason_phrase)
+        return self._error_of(response.status_code, data,
+                              response.text or response.reason_phrase,
+                              response.headers.get("retry-after"))  # fmt: skip
+
+    def _error_of(
+        self, status: int, data: Any, text: str, retry_after: str | None
+    ) -> SlmgateError:
+        """The gateway's error for an upstream's error answer (its JSON ``data`` if any)."""
+        message, code, param = error_fields(data, text[:500])
         return error_for_status(
-            response.status_code, message, backend=self.config.name, code=code, param=param,
-            retry_after=parse_retry_after(response.headers.get("retry-after")),
+            status, message, backend=self.config.name, code=code, param=param,
+            retry_after=parse_retry_after(retry_after),
         )  # fmt: skip
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+        if self._poster is not None:
+            await self._poster.aclose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import logging
 import secrets
@@ -102,7 +103,12 @@ def create_app(
                 elif (close := getattr(backend, "close", None)) is not None:
                     close()
 
-    app = FastAPI(title="slmgate", lifespan=lifespan)
+    # FastAPI's own OpenTelemetry layer (0.16x) looks up the global providers on every request;
+    # slmgate's spans come from its own provider (``otel_endpoint``), so that layer stays off.
+    off: dict[str, Any] = {}
+    if "telemetry" in inspect.signature(FastAPI).parameters:
+        off["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(title="slmgate", lifespan=lifespan, **off)
     app.add_middleware(KeyGuard, keys=gw.keys)
     app.state.gateway = gw
     app.include_router(dashboard_router(gw.keys.last_known_required))

@@ -149,7 +149,9 @@ class Attempt:
             req = replace(req, incremental=True)
         watches: dict[int, CollapseWatch] = {}
         committed = window == 0
-        if self.energy is not None:
+        if self.energy is not None and self.info.device != "remote":
+            # A remote tier's energy is spent on its server, not in this process's CPU time or
+            # on this machine's counters: not metered here (the ledger's energy stays NULL).
             self.meter = self.energy.start()
         source = self.backend.generate(req, self.prepared)
         try:

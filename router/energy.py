@@ -13,7 +13,9 @@ Sources, in order of preference:
 
 Counters are machine-wide: a reading covers everything the device did in the interval, and two
 overlapping requests each see the other's energy. The measured/estimated flag travels with every
-figure so nothing estimated is shown as measured. The arithmetic is in pure functions so it is
+figure so nothing estimated is shown as measured. Only in-process tiers are metered: a remote
+tier (vLLM, a hosted API) spends its energy on its own server, which no counter or CPU clock
+here sees, so its attempts carry no energy figure. The arithmetic is in pure functions so it is
 tested on literal counter readings.
 """
 
