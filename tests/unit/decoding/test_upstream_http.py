@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from decoding.upstream_http import JsonPoster
+from decoding.upstream_http import JsonPoster, env_proxy
 from schemas.errors import RequestTimeoutError, UpstreamError
 
 
@@ -80,7 +80,8 @@ async def test_posts_json_with_headers_and_reuses_the_connection(server: Server)
     assert line == "POST /v1/chat/completions HTTP/1.1"
     assert headers["authorization"] == "Bearer k"
     assert headers["content-type"] == "application/json"
-    assert headers["x-task-id"] == "t1" and "x-task-id" not in server.requests[1][1]
+    assert headers["x-task-id"] == "t1"
+    assert "x-task-id" not in server.requests[1][1]
     assert json.loads(body) == {"model": "m", "n": 1}
     assert server.connections == 1  # keep-alive: the second call rode the first connection
 
@@ -91,14 +92,15 @@ async def test_error_answers_come_back_with_their_headers(server: Server) -> Non
     p = poster(server)
     reply = await p.post("/chat/completions", {})
     await p.aclose()
-    assert reply.status == 429 and reply.headers["retry-after"] == "3"
+    assert reply.status == 429
+    assert reply.headers["retry-after"] == "3"
     assert json.loads(reply.body)["error"]["message"] == "slow down"
 
 
 async def test_no_answer_within_the_timeout_is_a_timeout_error(server: Server) -> None:
     server.mode = "hang"
     p = poster(server, timeout_s=0.3)
-    with pytest.raises(RequestTimeoutError, match="within 0.3 s"):
+    with pytest.raises(RequestTimeoutError, match=r"within 0\.3 s"):
         await p.post("/chat/completions", {})
     await p.aclose()
 
@@ -135,3 +137,31 @@ def test_one_poster_serves_successive_event_loops() -> None:
     p = JsonPoster("up", "http://127.0.0.1:1/v1", {}, 5.0)
     assert asyncio.run(once()) == 200
     assert asyncio.run(once()) == 200  # a new session on the new loop
+
+
+def test_env_proxy_follows_http_proxy_and_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert env_proxy("http://vllm:8000/v1") is None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")
+    monkeypatch.setenv("HTTPS_PROXY", "http://secure-proxy:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,.internal")
+    assert env_proxy("http://vllm:8000/v1") == "http://proxy:3128"
+    assert env_proxy("https://api.example.com/v1") == "http://secure-proxy:3128"
+    assert env_proxy("http://gpu.internal:8000/v1") is None
+    assert env_proxy("http://localhost:8000/v1") is None
+
+
+async def test_calls_go_through_the_environments_proxy(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.port}")
+    p = JsonPoster("up", "http://upstream.invalid/v1", {}, 5.0)
+    reply = await p.post("/chat/completions", {"model": "m"})
+    await p.aclose()
+    assert reply.status == 200  # the "proxy" answered for a host that does not resolve
+    line, _headers, body = server.requests[0]
+    assert line == "POST http://upstream.invalid/v1/chat/completions HTTP/1.1"
+    assert json.loads(body) == {"model": "m"}
