@@ -7,6 +7,8 @@ tiers, backends) and by small fixed vocabularies (outcomes, fallback reasons, er
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -45,6 +47,7 @@ class GatewayMetrics:
 
     def __init__(self, namespace: str = "slmgate") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r, ns = self.registry, namespace
         self.requests = Counter("requests", "Requests answered, by route, answering tier and "
                                 "HTTP status.", ["route", "tier", "status"], namespace=ns,
@@ -121,35 +124,44 @@ class GatewayMetrics:
     def observe_request(self, rec: RequestRecord) -> None:
         """Count one finished request and its attempts."""
         route, tier = rec.route, rec.tier or NO_TIER
-        self.requests.labels(route, tier, str(rec.status)).inc()
-        self.latency.labels(route).observe(rec.latency_s)
+        self._child(self.requests, route, tier, str(rec.status)).inc()
+        self._child(self.latency, route).observe(rec.latency_s)
         if rec.ttft_s is not None:
-            self.ttft.labels(route).observe(rec.ttft_s)
+            self._child(self.ttft, route).observe(rec.ttft_s)
         if rec.fallback:
-            self.fallbacks.labels(route, rec.fallback_reason or "unknown").inc()
+            self._child(self.fallbacks, route, rec.fallback_reason or "unknown").inc()
         if (schema := _flag(rec.schema_valid)) is not None:
-            self.schema.labels(route, schema).inc()
+            self._child(self.schema, route, schema).inc()
         if (call := _flag(rec.executable)) is not None:
-            self.executable.labels(route, call).inc()
-        self.counterfactual.labels(route, tier).inc(_amount(rec.counterfactual_cost_usd))
+            self._child(self.executable, route, call).inc()
+        self._child(self.counterfactual, route, tier).inc(_amount(rec.counterfactual_cost_usd))
         if not rec.attempts:  # a request refused before any backend ran: its own totals
             self._spend(route, tier, rec.prompt_tokens, rec.completion_tokens, rec.cost_usd)
             return
         for att in rec.attempts:
-            self.attempts.labels(route, att.tier, att.outcome).inc()
+            self._child(self.attempts, route, att.tier, att.outcome).inc()
             self._spend(route, att.tier, att.prompt_tokens, att.completion_tokens, att.cost_usd)
             if att.spec_drafted is not None:
-                self.spec_drafted.labels(route, att.tier).inc(_amount(att.spec_drafted))
+                self._child(self.spec_drafted, route, att.tier).inc(_amount(att.spec_drafted))
             if att.spec_accepted is not None:
-                self.spec_accepted.labels(route, att.tier).inc(_amount(att.spec_accepted))
+                self._child(self.spec_accepted, route, att.tier).inc(_amount(att.spec_accepted))
             if att.energy_j is not None:
                 source = "measured" if att.energy_measured else "estimated"
-                self.energy.labels(route, att.tier, source).inc(_amount(att.energy_j))
+                self._child(self.energy, route, att.tier, source).inc(_amount(att.energy_j))
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, memoised: ~10 lookups per request, each with a lock and
+        label checks in prometheus_client (label values here come from config and outcomes)."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def _spend(self, route: str, tier: str, prompt: int, completion: int, cost: float) -> None:
-        self.tokens.labels(route, tier, "in").inc(_amount(prompt))
-        self.tokens.labels(route, tier, "out").inc(_amount(completion))
-        self.cost.labels(route, tier).inc(_amount(cost))
+        self._child(self.tokens, route, tier, "in").inc(_amount(prompt))
+        self._child(self.tokens, route, tier, "out").inc(_amount(completion))
+        self._child(self.cost, route, tier).inc(_amount(cost))
 
     def set_queue_depth(self, backend: str, n: int) -> None:
         self.queue_depth.labels(backend).set(n)

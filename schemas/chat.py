@@ -98,8 +98,9 @@ class OpenAIBaseModel(BaseModel):
             e.g. ``["service_tier", "messages.0.audio"]``; empty when everything was understood.
         """
         found = list(self.model_extra or {})
-        for name in type(self).model_fields:
-            found.extend(f"{name}.{path}" for path in _ignored_in(getattr(self, name)))
+        for name, value in self.__dict__.items():  # the declared fields' values
+            if isinstance(value, OpenAIBaseModel | list) and value:
+                found.extend(f"{name}.{path}" for path in _ignored_in(value))
         return found
 
     def to_wire(self) -> dict[str, Any]:
