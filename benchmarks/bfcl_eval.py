@@ -13,6 +13,11 @@ validity rate and fallback rate (from the gateway's ``slmgate`` facts), executab
     python -m benchmarks.bfcl_eval --serve --limit 3 --policies slm,llm --json bfcl.json
     python -m benchmarks.bfcl_eval --base-url http://127.0.0.1:8000 --labels labels.jsonl
 
+``--format json`` asks for the same call as a structured output instead: items with one function
+only, no tools, ``response_format`` a JSON schema of the function's parameters, the reply's
+JSON read as the arguments of that call and scored by the same checker. That is the deferral
+rule's ``json`` kind of request (``--labels`` rows say which kind they are).
+
 A request that fails (HTTP error, timeout, bad body) is recorded as a failed item with its
 error type; the run goes on. ``--resume`` keeps the records of an earlier ``--json`` file and
 only sends what is missing.
@@ -101,6 +106,37 @@ def build_request(
     }
 
 
+JSON_SYSTEM_PROMPT = (
+    "Reply with the arguments of one call to the function `{name}` as a JSON object. "
+    "The function: {description}"
+)
+
+
+def build_json_request(
+    item: bfcl_data.BfclItem, tools: list[dict[str, Any]], policy: str, max_tokens: int
+) -> dict[str, Any]:
+    """The body for ``--format json``: the item's one function as a JSON schema to fill in
+    (``response_format``), no tools; the system prompt names the function."""
+    if len(tools) != 1:
+        raise ValueError(f"{item.id}: --format json needs an item with one function")
+    fn = tools[0]["function"]
+    system = JSON_SYSTEM_PROMPT.format(name=fn["name"], description=fn.get("description", ""))
+    messages = [m for m in item.messages if m.get("role") != "system"]
+    return {
+        "model": policy,
+        "messages": [{"role": "system", "content": system}, *messages],
+        "response_format": {"type": "json_schema",
+                            "json_schema": {"name": fn["name"], "schema": fn["parameters"]}},
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }  # fmt: skip
+
+
+def json_calls(message: dict[str, Any], tools: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """A ``--format json`` reply as the one call it stands for: (the function, its content)."""
+    return [(tools[0]["function"]["name"], str(message.get("content") or ""))]
+
+
 def request_features(body: dict[str, Any]) -> dict[str, float]:
     """The pre-router's features of a request body, so labels can train it
     (``slmgate calibrate --pre-out``); empty when the body does not parse."""
@@ -177,6 +213,9 @@ def judge(
         record.error_type, record.error = "request:no_choices", str(body)[:200]
         return
     message = choices[0].get("message")
+    if record.kind == "json":  # the content is the arguments of the item's one function
+        message = {"tool_calls": [{"function": {"name": n, "arguments": a}}
+                                  for n, a in json_calls(message or {}, tools)]}  # fmt: skip
     if isinstance(message, dict):  # the reply as sent, to compare policies item by item
         wire_calls = [c.get("function") for c in message.get("tool_calls") or []
                       if isinstance(c, dict)]  # fmt: skip
@@ -245,13 +284,17 @@ def run_item(
     run_id: str,
     max_tokens: int,
     system_prompt: str = SYSTEM_PROMPT,
+    fmt: str = "tools",
 ) -> ItemRecord:
     """Send one item under one policy, score it, report the outcome. Never raises for a request
     or reply problem: that becomes the record's error."""
     tid = task_id(item.category, item.id, policy, run_id)
-    record = ItemRecord(item.category, item.id, policy, tid, success=False)
+    record = ItemRecord(item.category, item.id, policy, tid, success=False, kind=fmt)
     tools, names = bfcl_data.openai_tools(item.functions)
-    body = build_request(item, tools, policy, max_tokens, system_prompt)
+    if fmt == "json":
+        body = build_json_request(item, tools, policy, max_tokens)
+    else:
+        body = build_request(item, tools, policy, max_tokens, system_prompt)
     record.features = request_features(body)
     started = time.perf_counter()
     try:
@@ -315,7 +358,8 @@ def _run_logged(
     client: httpx.Client, item: bfcl_data.BfclItem, policy: str, args: argparse.Namespace,
     total: int, done: int,
 ) -> ItemRecord:  # fmt: skip
-    r = run_item(client, item, policy, args.run_id, args.max_tokens, args.system_prompt)
+    r = run_item(client, item, policy, args.run_id, args.max_tokens, args.system_prompt,
+                 args.format)  # fmt: skip
     if not args.quiet:
         verdict = "ok" if r.success else f"no ({r.error_type})"
         print(f"[{done + 1}/{total}] {item.id} {policy}: {verdict}, tier {r.tier}, "
@@ -340,9 +384,13 @@ def evaluate(
         "warmup": args.warmup,
         "concurrency": args.concurrency,
         "system_prompt": args.system_prompt,
+        "format": args.format,
         "bfcl_eval_version": _version("bfcl-eval"),
     }
     items = round_robin([bfcl_data.load_items(c, args.limit, args.offset) for c in categories])
+    if args.format == "json":  # one function to fill in, and a call expected
+        items = [it for it in items
+                 if len(it.functions) == 1 and not bfcl_data.is_relevance(it.category)]  # fmt: skip
     planned = {(it.category, it.id, p) for it in items for p in policies}
     records: list[ItemRecord] = []
     if args.resume and args.json and args.json.exists():
@@ -357,7 +405,7 @@ def evaluate(
     )
     pending = [(it, p) for it in items for p in policies if (it.category, it.id, p) not in done]
     with client:
-        for policy in policies if items and args.warmup else ():
+        for policy in policies if items and args.warmup and args.format == "tools" else ():
             warm_up(client, items[0], policy, args.max_tokens, args.system_prompt)
         pool = ThreadPoolExecutor(max_workers=args.concurrency)
         try:
@@ -439,6 +487,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="'' sends none")
     p.add_argument("--run-id", default=time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
     p.add_argument("--json", type=Path, default=None, help="write summaries and every record")
+    p.add_argument("--format", choices=("tools", "json"), default="tools",
+                   help="tools offered (default), or one function's arguments as a JSON schema")
     p.add_argument(
         "--labels",
         type=Path,

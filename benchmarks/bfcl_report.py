@@ -43,6 +43,7 @@ class ItemRecord:
     features: dict[str, float] = field(default_factory=dict)  # pre-router features of the request
     memory_examples: int | None = None  # demonstrations the first tier was shown (memory routes)
     output: str | None = None  # the reply's message (content and calls), to compare policies
+    kind: str = "tools"  # the request's kind for deferral: "tools", or "json" (--format json)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -324,7 +325,7 @@ def label_rows(records: Sequence[ItemRecord], policy: str = "slm") -> list[dict[
     return [
         {
             "signals": r.signals,
-            "kind": "tools",
+            "kind": r.kind,
             "confidence": r.confidence,
             "success": r.success,
             "category": r.category,

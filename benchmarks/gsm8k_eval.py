@@ -47,8 +47,9 @@ SYSTEM_PROMPT = (
     "between steps. Finish with a last line of the form '#### <number>'."
 )
 JSON_SYSTEM_PROMPT = (
-    "Solve the math problem step by step. Reply with a JSON object: 'steps', the reasoning "
-    "steps as short strings, then 'answer', the final number."
+    "Solve the math problem step by step. Reply with a JSON object: 'steps', your reasoning as "
+    "a list of sentences, each working out one quantity with its arithmetic, then 'answer', "
+    "the final number."
 )
 ANSWER_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -60,6 +61,7 @@ ANSWER_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,19 +81,32 @@ def load_problems(path: Path, offset: int, limit: int | None) -> list[Problem]:
 
 
 def final_number(text: str) -> str | None:
-    """The answer a solution gives: the number after its last ``####``, else its last number;
-    commas and a trailing ``.0`` dropped so ``1,000`` and ``1000.0`` read as ``1000``.
+    """The answer a solution gives: the number in its last ``\\boxed{}``, else the number on
+    its last line when that line starts with ``####`` (the format asked for), else its last
+    number. Small models write ``#### 1``, ``#### 2``, ... as step headings, so a ``####``
+    anywhere but the last line is not the answer. Commas and a trailing ``.0`` are dropped so
+    ``1,000`` and ``1000.0`` read as ``1000``.
 
     >>> final_number("so 3 + 4 = 7.\\n#### 7"), final_number("It costs $1,250.00 in all.")
     ('7', '1250')
+    >>> final_number("#### 1\\nJoe: 23.\\n#### 2\\nTammy: 30.\\nThe answer is \\\\boxed{30}")
+    '30'
+    >>> final_number("#### 1\\nDerek caught 42.\\n#### 2\\nSo Tammy caught 30 times.")
+    '30'
     >>> final_number("no numbers") is None
     True
     """
-    tail = text.rsplit("####", 1)[1] if "####" in text else text
-    numbers = _NUMBER.findall(tail) or _NUMBER.findall(text)
-    if not numbers:
+    boxed = [n for b in _BOXED.findall(text) for n in _NUMBER.findall(b)[-1:]]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    if boxed:
+        value = str(boxed[-1])
+    elif last.startswith("####") and (numbers := _NUMBER.findall(last)):
+        value = str(numbers[0])
+    elif numbers := _NUMBER.findall(text):
+        value = str(numbers[-1])
+    else:
         return None
-    value = str(numbers[0] if "####" in text and _NUMBER.findall(tail) else numbers[-1])
     value = value.replace(",", "")
     if "." in value:
         value = value.rstrip("0").rstrip(".")
@@ -149,6 +164,7 @@ class Record:
     reasoning: dict[str, Any] | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
     signals: dict[str, float] = field(default_factory=dict)
+    text: str = ""  # the reply, kept so answers can be re-read
 
 
 def run_problem(client: httpx.Client, problem: Problem, policy: str, max_tokens: int,
@@ -168,6 +184,7 @@ def run_problem(client: httpx.Client, problem: Problem, policy: str, max_tokens:
         record.error = f"{type(exc).__name__}: {exc}"[:300]
         return record
     text = reply["choices"][0]["message"].get("content") or ""
+    record.text = text
     record.answer = json_answer(text) if fmt == "json" else final_number(text)
     record.correct = record.answer is not None and record.answer == problem.gold
     record.completion_tokens = int(reply.get("usage", {}).get("completion_tokens") or 0)

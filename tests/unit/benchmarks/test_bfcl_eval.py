@@ -787,3 +787,58 @@ def test_compare_escalation_pairs_items_and_reads_the_answering_attempt() -> Non
     assert c["p50_latency_s"] == (3.0, 7.0)
     assert c["p50_answer_attempt_s"] == (1.5, 3.5)
     assert "10 of 20 (50.0%)" in render_escalation(c)
+
+
+# ---- --format json: the same call as a structured output ------------------------------------
+
+
+def test_json_request_asks_for_the_functions_arguments_as_a_schema() -> None:
+    it = item("simple_python_0")
+    tools, _ = bd.openai_tools(it.functions)
+    body = be.build_json_request(it, tools, "slm", 96)
+    assert "tools" not in body
+    assert "tool_choice" not in body
+    fmt = body["response_format"]
+    assert fmt["type"] == "json_schema"
+    assert fmt["json_schema"]["name"] == "calculate_triangle_area"
+    assert fmt["json_schema"]["schema"] == tools[0]["function"]["parameters"]
+    assert body["messages"][0]["role"] == "system"
+    assert "`calculate_triangle_area`" in body["messages"][0]["content"]
+    assert body["messages"][1:] == [m for m in it.messages if m["role"] != "system"]
+    several = item("multiple_0")
+    with pytest.raises(ValueError, match="one function"):
+        be.build_json_request(several, bd.openai_tools(several.functions)[0], "slm", 96)
+
+
+def test_judge_reads_a_json_reply_as_the_call_it_stands_for() -> None:
+    it = item("simple_python_0")
+    tools, names = bd.openai_tools(it.functions)
+
+    def judged(content: str) -> be.ItemRecord:
+        record = be.ItemRecord(it.category, it.id, "slm", "t", success=False, kind="json")
+        body = reply(None)
+        body["choices"][0]["message"]["content"] = content
+        be.judge(record, it, body, tools, names)
+        return record
+
+    right = judged('{"base": 10, "height": 5}')
+    assert (right.success, right.calls, right.executable_local) == (True, 1, True)
+    wrong = judged('{"base": 11, "height": 5}')
+    assert (wrong.success, wrong.error_type) == (False, "value_error:others")
+    assert judged('{"base": 10, "hei').success is False  # a cut reply is a wrong one
+    rows = be.label_rows([dataclasses.replace(right, signals={"lp_q10": -0.1})])
+    assert rows[0]["kind"] == "json"
+
+
+def test_json_format_sends_only_single_function_items(tmp_path: Path) -> None:
+    gw = FakeGateway()
+    args = be.parse_args(["--base-url", "http://gw", "--categories", "simple_python,multiple",
+                          "--limit", "2", "--run-id", "r1", "--quiet", "--policies", "slm",
+                          "--format", "json", "--json", str(tmp_path / "out.json")])  # fmt: skip
+    report = be.evaluate(args, "http://gw", httpx.MockTransport(gw))
+    sent = [body for path, _, body in gw.seen if path.endswith("completions")]
+    assert {r["category"] for r in report["records"]} == {"simple_python"}  # multiple: skipped
+    assert all("response_format" in b and "tools" not in b for b in sent)
+    assert len(sent) == 2  # no warm-up in json form
+    assert report["format"] == "json"
+    assert all(r["kind"] == "json" for r in report["records"])

@@ -37,7 +37,8 @@ def test_text_request_has_no_response_format() -> None:
 def test_json_request_asks_for_a_strict_schema_its_answers_satisfy() -> None:
     body = request_body(PROBLEM, "slm", 256, "json")
     fmt = body["response_format"]
-    assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
+    assert fmt["type"] == "json_schema"
+    assert fmt["json_schema"]["strict"] is True
     schema = fmt["json_schema"]["schema"]
     jsonschema.validate({"steps": ["3 + 4 = 7"], "answer": 7}, schema)
     bad = {"steps": [], "answer": 7, "extra": 1}
