@@ -27,14 +27,16 @@ from router.pre import PreRouter
 from router.router import Route
 from spec.specreason import SpecReasonConfig
 
-# For requests the learned rule has no model for (free text, JSON schemas): the lowest grammar
-# agreement of the SLM's tokens, calibrated with `slmgate calibrate --target-success-rate 0.5` on
-# a BFCL split (BENCHMARKS.md, "Routing": AUROC 0.73; mean_prob was inverted, 0.24).
+# For requests the learned rule has no model for (free text): the lowest grammar agreement of
+# the SLM's tokens, calibrated with `slmgate calibrate --target-success-rate 0.5` on a BFCL split
+# (BENCHMARKS.md, "Routing": AUROC 0.73; mean_prob was inverted, 0.24).
 DEFAULT_SIGNAL = "min_grammar_agreement"
 DEFAULT_THRESHOLD = 0.9986
-# The learned deferral rule of the default cascade (tool calls): fitted by `slmgate calibrate
-# --labels … --target-fallback-rate 0.2 --deferral-out` on Qwen2.5-Coder-0.5B's answers to BFCL
-# items 50-79 of five categories (BENCHMARKS.md, "Routing"; evaluated on items 0-49). Refit it on
+# The learned deferral rule of the default cascade, fitted by `slmgate calibrate --labels …
+# --target-fallback-rate 0.2 --deferral-out` on Qwen2.5-Coder-0.5B's answers: tool calls on BFCL
+# items 50-79 of five categories, JSON schemas on BFCL simple_python 200-349 asked as structured
+# output (BENCHMARKS.md, "Routing"; held out: items 0-49, 0-149). Free text has no model: a rule
+# fitted on GSM8K rests on answer length, which does not carry over to other text. Refit it on
 # your own traffic: `slmgate calibrate --ledger URL --deferral-out rule.json`.
 DEFAULT_DEFERRAL = DeferralRule.load(BUNDLED_RULE_PATH)
 DEFAULT_ROUTES = (
