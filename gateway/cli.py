@@ -230,6 +230,13 @@ def _calibrate(args: argparse.Namespace) -> int:
         out["deferral"] = {"path": args.deferral_out, "report": report}
         if args.holdout:
             out["holdout"] = _print_holdout(rule, args.holdout)
+    if args.score_rule:  # an existing rule (a file, or the bundled one) on the held-out labels
+        from router.deferral import BUNDLED_RULE_PATH, DeferralRule
+
+        path = BUNDLED_RULE_PATH if args.score_rule == "default" else args.score_rule
+        print(f"rule {args.score_rule} ({path}):")
+        out["scored_rule"] = {"path": str(path),
+                              "holdout": _print_holdout(DeferralRule.load(path), args.holdout)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
@@ -249,6 +256,8 @@ def _print_holdout(rule: DeferralRule, path: str) -> dict[str, Any]:
             kept = "-" if r["kept_success_rate"] is None else f"{r['kept_success_rate']:.3f}"
             print(f"held out {kind}: {r['rows']} rows, rule AUROC {auc}, fallback "
                   f"{r['fallback_rate']:.3f}, kept ok {kept} (all {r['success_rate']:.3f})")
+        else:
+            print(f"held out {kind}: {r['rows']} rows, no model for this kind in the rule")
         ranked = sorted(((a, n) for n, a in r["single"].items() if a is not None), reverse=True)
         print("  single: " + ", ".join(f"{n} {a:.3f}" for a, n in ranked))
     return report
@@ -316,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--holdout", default=None,
                      help="labels the rule was not fitted on: report its AUROC there, next to "
                      "each single signal's (with --deferral-out)")  # fmt: skip
+    cal.add_argument("--score-rule", default=None, metavar="PATH|default",
+                     help="score an existing deferral rule (a file, or `default`: the bundled "
+                     "one) on --holdout, next to each single signal")  # fmt: skip
     cal.add_argument("--json", default=None, help="write the results as JSON")
     cal.set_defaults(func=_calibrate)
 
@@ -334,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     add_keys_parser(sub)
 
     args = parser.parse_args(argv)
+    if getattr(args, "score_rule", None) and not args.holdout:
+        parser.error("calibrate --score-rule needs --holdout FILE")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
