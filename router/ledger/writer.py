@@ -211,14 +211,15 @@ class Writer:
                 if self._stop.is_set():
                     return
                 continue
-            # Gather by sleeping, then drain: a writer blocked in get() would be woken (and
-            # take the GIL) by every record the response path enqueues meanwhile.
-            if self._gather_s > 0 and self._queue.qsize() < self._batch_size - 1:
-                self._stop.wait(self._gather_s)
             batch = [first]
+            deadline = time.monotonic() + self._gather_s
             while len(batch) < self._batch_size:
+                wait = deadline - time.monotonic()
                 try:
-                    batch.append(self._queue.get_nowait())
+                    if wait <= 0 or self._stop.is_set():
+                        batch.append(self._queue.get_nowait())
+                    else:
+                        batch.append(self._queue.get(timeout=wait))
                 except queue.Empty:
                     break
             try:
