@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from decoding.models import ModelSpec
     from router.deferral import DeferralRule
+    from router.pre import PreRouter
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -211,6 +212,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         pre.save(args.pre_out)
         print(f"pre-router fitted on {len(features)} rows -> {args.pre_out}")
         out["pre_router"] = args.pre_out
+        if args.holdout:
+            out["pre_holdout"] = _print_pre_holdout(pre, args.holdout)
     if args.deferral_out:
         from router.deferral import KINDS, fit_rule
 
@@ -260,6 +263,32 @@ def _print_holdout(rule: DeferralRule, path: str) -> dict[str, Any]:
             print(f"held out {kind}: {r['rows']} rows, no model for this kind in the rule")
         ranked = sorted(((a, n) for n, a in r["single"].items() if a is not None), reverse=True)
         print("  single: " + ", ".join(f"{n} {a:.3f}" for a, n in ranked))
+    return report
+
+
+def _print_pre_holdout(pre: PreRouter, path: str) -> dict[str, Any]:
+    """The pre-router on held-out labels: how well its score ranks the small model's successes
+    from the request alone, and what it would send to the large tier."""
+    from router.calibrate import auroc
+
+    scored = []
+    for row in _load_labels(path):
+        feats = row.get("features")
+        if isinstance(feats, dict):
+            values = {k: float(v) for k, v in feats.items()}
+            scored.append((pre.score(values), bool(row["success"])))
+    small = [ok for p, ok in scored if p >= pre.threshold]
+    report = {
+        "rows": len(scored),
+        "auroc": auroc(scored),
+        "to_large": 1 - len(small) / len(scored) if scored else None,
+        "kept_success_rate": sum(small) / len(small) if small else None,
+        "success_rate": sum(ok for _, ok in scored) / len(scored) if scored else None,
+    }
+    fmt = {k: "-" if v is None else f"{v:.3f}" for k, v in report.items() if k != "rows"}
+    print(f"pre-router held out: {report['rows']} rows, AUROC {fmt['auroc']}, to the large tier "
+          f"{fmt['to_large']}, small kept ok {fmt['kept_success_rate']} "
+          f"(all {fmt['success_rate']})")  # fmt: skip
     return report
 
 
@@ -324,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="also fit a learned deferral rule per request kind; write it here")
     cal.add_argument("--holdout", default=None,
                      help="labels the rule was not fitted on: report its AUROC there, next to "
-                     "each single signal's (with --deferral-out)")  # fmt: skip
+                     "each single signal's (with --deferral-out; the pre-router's with "
+                     "--pre-out)")  # fmt: skip
     cal.add_argument("--score-rule", default=None, metavar="PATH|default",
                      help="score an existing deferral rule (a file, or `default`: the bundled "
                      "one) on --holdout, next to each single signal")  # fmt: skip

@@ -68,3 +68,33 @@ def test_score_rule_needs_held_out_labels(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["calibrate", "--labels", str(held), "--target-fallback-rate", "0.2",
               "--score-rule", "default"])  # fmt: skip
+
+
+def test_the_pre_router_is_scored_on_held_out_labels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Requests whose success follows their prompt length: the fitted pre-router ranks them."""
+    rng = random.Random(5)
+
+    def rows(n: int) -> str:
+        out = []
+        for _ in range(n):
+            chars = rng.uniform(3.0, 9.0)
+            ok = chars + rng.gauss(0.0, 0.7) < 6.0  # short prompts: the small model does it
+            out.append({"kind": "tools", "success": ok, "signals": {"mean_prob": 0.5},
+                        "features": {"log_prompt_chars": chars, "tools": 1.0}})  # fmt: skip
+        return "".join(json.dumps(r) + "\n" for r in out)
+
+    cal, held, pre, out = (tmp_path / n for n in ("c.jsonl", "h.jsonl", "p.json", "o.json"))
+    cal.write_text(rows(150))
+    held.write_text(rows(150))
+    assert main(["calibrate", "--labels", str(cal), "--target-fallback-rate", "0.2",
+                 "--pre-out", str(pre), "--holdout", str(held), "--json", str(out)],
+                ) == 0  # fmt: skip
+    report = json.loads(out.read_text())["pre_holdout"]
+    assert report["rows"] == 150
+    assert report["auroc"] > 0.8
+    assert 0.0 <= report["to_large"] <= 1.0
+    assert report["success_rate"] == sum(
+        json.loads(line)["success"] for line in held.read_text().splitlines()) / 150
+    assert "pre-router held out: 150 rows, AUROC" in capsys.readouterr().out
