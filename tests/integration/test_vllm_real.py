@@ -80,6 +80,10 @@ def config(python: str) -> str:
     routes = [
         {"name": "vonly", "tiers": ["v"]},
         {"name": "vfb", "tiers": ["v", "tiny"], "policy": "cascade", "threshold": 0.0},
+        # No early fallback: a request in flight on a hung server must wait out its timeout
+        # (with it, a sampled answer could be aborted on low confidence before the hang).
+        {"name": "vhang", "tiers": ["v", "tiny"], "policy": "cascade", "threshold": 0.0,
+         "early_fallback": {"enabled": False}},
     ]
     return f"models: {json.dumps(models)}\nroutes: {json.dumps(routes)}\n"
 
@@ -323,7 +327,7 @@ def test_hung_server_falls_back_then_recovers(gateway: Live, api: openai.OpenAI)
     def ask() -> None:
         started = time.monotonic()
         response = api.chat.completions.with_raw_response.create(
-            model="vfb", messages=[{"role": "user", "content": "Count from 1 to 50."}],
+            model="vhang", messages=[{"role": "user", "content": "Count from 1 to 50."}],
             max_tokens=100,
         )  # fmt: skip
         in_flight["took"], in_flight["body"] = time.monotonic() - started, json.loads(response.text)
