@@ -168,6 +168,14 @@ def _opt_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def numeric_signals(facts: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of the ``slmgate`` facts' ``signals`` (others dropped)."""
+    signals = facts.get("signals")
+    if not isinstance(signals, dict):
+        return {}
+    return {str(k): f for k, v in signals.items() if (f := _opt_float(v)) is not None}
+
+
 def apply_facts(record: ItemRecord, body: dict[str, Any]) -> None:
     """Copy the gateway's ``slmgate`` facts and token usage into ``record``; a field that is
     missing or of the wrong type stays None (the facts are an extension, not a promise)."""
@@ -184,9 +192,7 @@ def apply_facts(record: ItemRecord, body: dict[str, Any]) -> None:
     record.confidence = _opt_float(facts.get("confidence"))
     shown = facts.get("memory_examples")
     record.memory_examples = len(shown) if isinstance(shown, list) else None
-    signals = facts.get("signals")
-    if isinstance(signals, dict):
-        record.signals = {str(k): f for k, v in signals.items() if (f := _opt_float(v)) is not None}
+    record.signals = numeric_signals(facts)
     attempts = facts.get("attempts")
     record.attempts = (
         [a for a in attempts if isinstance(a, dict)] if isinstance(attempts, list) else []

@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.bfcl_eval import serve_gateway
+from benchmarks.bfcl_eval import numeric_signals, serve_gateway
 from router.stats import percentile
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train-1000.jsonl"
@@ -193,12 +193,7 @@ def run_problem(client: httpx.Client, problem: Problem, policy: str, max_tokens:
     record.tier = facts.get("tier")
     record.reasoning = facts.get("specreason")
     record.attempts = [a for a in facts.get("attempts") or [] if isinstance(a, dict)]
-    signals = facts.get("signals")
-    if isinstance(signals, dict):
-        record.signals = {
-            str(k): float(v) for k, v in signals.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }  # fmt: skip
+    record.signals = numeric_signals(facts)
     record.top_tier_tokens = sum(
         int(a.get("completion_tokens") or 0) for a in record.attempts if a.get("tier") == top_tier
     )

@@ -32,7 +32,7 @@ from schemas.errors import RequestTimeoutError, UpstreamError
 
 @dataclass(frozen=True, slots=True)
 class UpstreamReply:
-    """What came back: the status, the headers a caller reads (lower-cased) and the body."""
+    """What came back: the status, the headers (looked up case-insensitively) and the body."""
 
     status: int
     reason: str
@@ -86,12 +86,7 @@ class JsonPoster:
             session = self._http()
             async with session.post(url, data=body, headers=headers, proxy=self._proxy) as response:
                 data = await response.read()
-                return UpstreamReply(
-                    response.status,
-                    response.reason or "",
-                    {k.lower(): v for k, v in response.headers.items()},
-                    data,
-                )
+                return UpstreamReply(response.status, response.reason or "", response.headers, data)
         except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors
             raise RequestTimeoutError(
                 f"backend {self.name}: no answer from {self.base_url} within {self.timeout_s:g} s"
